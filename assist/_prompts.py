@@ -1,0 +1,64 @@
+"""Prompt conventions the assistant is trained on and the strategies speak.
+
+Training (SFT turns) and strategies (issue: inference-time strategies) both import these,
+so the small model sees at inference exactly the phrasing it learned. Remote models get the
+same, plain-English instructions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "COT_SUFFIX",
+    "DIRECT_SUFFIX",
+    "RAG_SYSTEM",
+    "REFLECT_PROMPT",
+    "REFLECT_STANDS",
+    "CALCULATOR_TOOL",
+    "Passage",
+    "render_passages",
+]
+
+# Chain of thought is the assistant's default; "direct" asks for the final line alone.
+COT_SUFFIX = "Think step by step."
+DIRECT_SUFFIX = "Answer with the final line only."
+
+# Reflection: after an attempt the user asks for a check; the check ends either with this
+# sentence (the answer stands) or with a corrected solution.
+REFLECT_PROMPT = "Check your work step by step."
+REFLECT_STANDS = "The answer stands."
+
+RAG_SYSTEM = "Answer from the passages below and cite the passage id in brackets."
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A retrieved passage: its stable id, its text, and the retriever's score."""
+
+    id: str
+    text: str
+    score: float = 0.0
+
+
+def render_passages(passages: Sequence[Passage]) -> str:
+    """The system message that puts retrieved passages in context, ids first."""
+    lines = [RAG_SYSTEM, ""]
+    lines += [f"[{p.id}] {p.text}" for p in passages]
+    return "\n".join(lines)
+
+
+# The OpenAI function schema of the built-in calculator (the tools strategy executes it).
+CALCULATOR_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        },
+    },
+}

@@ -1,0 +1,1 @@
+"""evals: tasks (samples + scorers), and the harness that scores strategies on them."""

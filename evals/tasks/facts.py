@@ -1,0 +1,169 @@
+"""``facts``: questions about a generated, fictional world.
+
+The knowledge base holds ``n_entities`` kingdoms, each with a capital, a language, a
+currency and a founding year, all invented (so no real model knows them either). Each
+kingdom is rendered as a short encyclopedia passage with a stable id (``kb-17``).
+
+Only the *seen* part of the world appears in pretraining text; the *unseen* part exists
+only in the passages, so a model can answer it only with retrieval. That split is how
+retrieval augmentation is measured: closed-book on unseen facts is chance, open-book is
+reading comprehension.
+
+Splits: each seen (kingdom, attribute) pair is either a train or a test question, never
+both; every unseen pair is a test question; validation is drawn from seen-train kingdoms'
+held-back pairs. Answers end in ``#### value``, like arith.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import cached_property
+
+from evals.tasks._base import Sample, Split, Task, check_split
+from evals.tasks._extract import final_line
+
+__all__ = ["ATTRIBUTES", "Entity", "FactsConfig", "FactsTask"]
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "br",
+           "dr", "kr", "st", "tr", "sh", "gl")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea")
+_CODAS = ("", "", "n", "r", "s", "l", "th", "m", "k")
+
+ATTRIBUTES: dict[str, str] = {
+    "capital": "What is the capital of {e}?",
+    "language": "What language do people speak in {e}?",
+    "currency": "What is the currency of {e}?",
+    "founded": "In what year was {e} founded?",
+}
+_SENTENCES: dict[str, tuple[str, ...]] = {
+    "capital": ("Its capital is {v}.", "The capital city is {v}."),
+    "language": ("People there speak {v}.", "The language of {e} is {v}."),
+    "currency": ("Its currency is the {v}.", "Trade in {e} uses the {v}."),
+    "founded": ("It was founded in {v}.", "{e} was founded in the year {v}."),
+}
+_ANSWER = {
+    "capital": "The capital of {e} is {v}",
+    "language": "People in {e} speak {v}",
+    "currency": "The currency of {e} is the {v}",
+    "founded": "{e} was founded in {v}",
+}
+
+
+@dataclass(frozen=True)
+class Entity:
+    id: str  # the passage id, e.g. "kb-17"
+    name: str
+    capital: str
+    language: str
+    currency: str
+    founded: str
+    seen: bool
+
+    def value(self, attribute: str) -> str:
+        return str(getattr(self, attribute))
+
+
+@dataclass(frozen=True)
+class FactsConfig:
+    n_entities: int = 600
+    seen_fraction: float = 0.5
+    test_fraction: float = 0.25  # of each seen kingdom's attributes held out for test
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_entities < 10:
+            raise ValueError("facts: n_entities must be at least 10")
+        if not 0.0 < self.seen_fraction < 1.0:
+            raise ValueError("facts: seen_fraction must be in (0, 1)")
+
+
+class FactsTask(Task):
+    """Closed-book or retrieval questions over a generated knowledge base."""
+
+    name = "facts"
+
+    def __init__(self, config: FactsConfig | None = None) -> None:
+        self.config = config or FactsConfig()
+        self.extractor = final_line
+
+    # -- the world ---------------------------------------------------------------------
+    @cached_property
+    def entities(self) -> list[Entity]:
+        rng = random.Random(f"facts:{self.config.seed}:world")
+        used: set[str] = set()
+
+        def word(syllables: int) -> str:
+            while True:
+                w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                            for _ in range(syllables)).capitalize()
+                if w not in used and len(w) >= 4:
+                    used.add(w)
+                    return w
+
+        n = self.config.n_entities
+        seen_ids = set(rng.sample(range(n), round(n * self.config.seen_fraction)))
+        out = []
+        for i in range(n):
+            out.append(Entity(
+                id=f"kb-{i}",
+                name=word(rng.choice((2, 3))),
+                capital=word(2),
+                language=word(2) + rng.choice(("ic", "ish", "ese", "an")),
+                currency=word(1).lower() + rng.choice(("a", "o", "el", "ar")),
+                founded=str(rng.randint(300, 1899)),
+                seen=i in seen_ids,
+            ))
+        return out
+
+    def entity(self, passage_id: str) -> Entity:
+        return self.entities[int(passage_id.removeprefix("kb-"))]
+
+    def passage(self, entity: Entity) -> str:
+        rng = random.Random(f"facts:{self.config.seed}:passage:{entity.id}")
+        parts = [f"{entity.name} is a kingdom."]
+        for attribute in ATTRIBUTES:
+            template = rng.choice(_SENTENCES[attribute])
+            parts.append(template.format(e=entity.name, v=entity.value(attribute)))
+        return " ".join(parts)
+
+    def passages(self, seen: bool | None = None) -> list[tuple[str, str]]:
+        """(id, text) of every passage, or only the seen / unseen ones."""
+        return [(e.id, self.passage(e)) for e in self.entities if seen is None or e.seen == seen]
+
+    # -- questions ---------------------------------------------------------------------
+    def _sample(self, entity: Entity, attribute: str, split: str) -> Sample:
+        value = entity.value(attribute)
+        return Sample(
+            id=f"facts-{entity.id}-{attribute}",
+            question=ATTRIBUTES[attribute].format(e=entity.name),
+            answer=value,
+            solution=f"{_ANSWER[attribute].format(e=entity.name, v=value)}.\n#### {value}",
+            metadata={"entity": entity.id, "attribute": attribute, "seen": entity.seen,
+                      "split": split},
+        )
+
+    @cached_property
+    def _splits(self) -> dict[str, list[Sample]]:
+        rng = random.Random(f"facts:{self.config.seed}:splits")
+        out: dict[str, list[Sample]] = {"train": [], "validation": [], "test": []}
+        for entity in self.entities:
+            for attribute in ATTRIBUTES:
+                if not entity.seen:
+                    out["test"].append(self._sample(entity, attribute, "test"))
+                    continue
+                r = rng.random()
+                split = "test" if r < self.config.test_fraction else (
+                    "validation" if r < self.config.test_fraction * 1.4 else "train")
+                out[split].append(self._sample(entity, attribute, split))
+        for samples in out.values():  # interleave seen and unseen deterministically
+            random.Random(f"facts:{self.config.seed}:order").shuffle(samples)
+        return out
+
+    def split(self, split: Split, n: int | None = None) -> list[Sample]:
+        return self._splits[check_split(split)][:n]
+
+    def answer_with_citation(self, sample: Sample) -> str:
+        """The ideal open-book answer: the closed-book one, citing its passage."""
+        head, _, tail = sample.solution.partition(".\n")
+        return f"{head} [{sample.metadata['entity']}].\n{tail}"

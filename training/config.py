@@ -1,0 +1,252 @@
+"""Typed configuration of a training run, and the named presets.
+
+Every field can be set from the command line as ``--set section.field=value`` (for
+example ``--set pretrain.steps=400``), so the presets are starting points, not limits.
+
+- ``test``: the whole pipeline in well under a minute, for the test suite.
+- ``tiny``: the demo assistant, whole pipeline within 15 minutes on 2 CPU cores.
+- ``small``: for a GPU (bf16 autocast), a harder ``arith``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from evals.tasks import ArithConfig, FactsConfig
+
+__all__ = [
+    "PRESETS",
+    "STAGES",
+    "ConfigError",
+    "DataConfig",
+    "DiversityConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RLConfig",
+    "RewardConfig",
+    "RunConfig",
+    "SFTConfig",
+    "apply_overrides",
+    "preset",
+]
+
+STAGES = ("tokenizer", "pretrain", "sft", "rm", "rl")
+
+
+class ConfigError(ValueError):
+    """A bad preset name or override; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_layers: int = 2
+    num_heads: int = 2  # head_dim = hidden_size / num_heads: 32 or 64 suit vLLM's CPU kernels
+    num_kv_heads: int = 2
+    max_seq_len: int = 512
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 100
+    batch_size: int = 16  # sequences per step per process
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 25  # a killed run loses at most this many steps
+
+
+@dataclass
+class DataConfig:
+    """The pretraining mixture: each document's source is drawn by these ratios."""
+
+    mixture: dict[str, float] = field(
+        default_factory=lambda: {"arith": 0.5, "dialogue": 0.2, "facts": 0.15, "code": 0.15}
+    )
+    tokenizer_chars: int = 2_000_000  # text the BPE is trained on
+    stream_margin: float = 1.05  # tokens built / tokens pretraining consumes
+
+
+@dataclass
+class SFTConfig(OptimConfig):
+    # Share of each conversation kind in the SFT set (see training/conversations.py).
+    mixture: dict[str, float] = field(
+        default_factory=lambda: {
+            "arith_cot": 0.4, "arith_direct": 0.08, "arith_tools": 0.14,
+            "arith_reflect": 0.1, "facts_closed": 0.1, "facts_rag": 0.18,
+        }
+    )
+    eval_items: int = 200  # held-out arith items scored greedily after the stage
+
+
+@dataclass
+class RewardConfig(OptimConfig):
+    prompts: int = 256  # arith prompts sampled from the SFT model
+    k: int = 4  # completions per prompt, ranked by the task scorer
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    heldout_fraction: float = 0.15  # prompts kept out to report pairwise accuracy
+
+
+@dataclass
+class RLConfig(OptimConfig):
+    reward: Literal["rm", "checker", "both"] = "rm"
+    group_size: int = 8  # samples per prompt; advantages are normalised within the group
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    kl_coef: float = 0.05
+    eval_items: int = 200
+
+
+@dataclass
+class DiversityConfig:
+    prompts: int = 16
+    k: int = 8  # samples per prompt at temperature 1
+    max_new_tokens: int = 64
+
+
+@dataclass
+class RunConfig:
+    preset: str = "test"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
+    arith: ArithConfig = field(default_factory=ArithConfig)
+    facts: FactsConfig = field(default_factory=FactsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _test() -> RunConfig:
+    return RunConfig(
+        preset="test",
+        model=ModelConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2,
+                          num_heads=2, num_kv_heads=2, max_seq_len=512),
+        data=DataConfig(tokenizer_chars=300_000),
+        pretrain=OptimConfig(steps=80, batch_size=8, seq_len=128, lr=5e-3, warmup_steps=5,
+                             checkpoint_every=10),
+        sft=SFTConfig(steps=80, batch_size=8, seq_len=384, lr=3e-3, warmup_steps=5,
+                      checkpoint_every=20, eval_items=16),
+        rm=RewardConfig(steps=10, batch_size=4, lr=1e-3, warmup_steps=2, prompts=24, k=3,
+                        max_new_tokens=32, checkpoint_every=5),
+        rl=RLConfig(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, group_size=3,
+                    max_new_tokens=32, checkpoint_every=2, eval_items=16),
+        diversity=DiversityConfig(prompts=4, k=4, max_new_tokens=24),
+        facts=FactsConfig(n_entities=60),
+    )
+
+
+def _tiny() -> RunConfig:
+    return RunConfig(
+        preset="tiny",
+        model=ModelConfig(vocab_size=2048, hidden_size=192, intermediate_size=512, num_layers=4,
+                          num_heads=3, num_kv_heads=3, max_seq_len=512),
+        pretrain=OptimConfig(steps=300, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=20,
+                             checkpoint_every=50),
+        sft=SFTConfig(steps=300, batch_size=16, seq_len=384, lr=1e-3, warmup_steps=20,
+                      checkpoint_every=50),
+        rm=RewardConfig(steps=60, batch_size=8, lr=3e-4, warmup_steps=5, checkpoint_every=20),
+        rl=RLConfig(steps=30, batch_size=8, lr=2e-5, warmup_steps=3, checkpoint_every=10),
+    )
+
+
+def _small() -> RunConfig:
+    return RunConfig(
+        preset="small",
+        model=ModelConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=8,
+                          num_heads=8, num_kv_heads=8, max_seq_len=1024),
+        pretrain=OptimConfig(steps=3000, batch_size=64, seq_len=512, lr=2e-3, warmup_steps=100,
+                             checkpoint_every=500),
+        sft=SFTConfig(steps=1500, batch_size=64, seq_len=512, lr=5e-4, warmup_steps=50,
+                      checkpoint_every=500, eval_items=500),
+        rm=RewardConfig(steps=300, batch_size=16, lr=1e-4, prompts=2048, k=8,
+                        checkpoint_every=100),
+        rl=RLConfig(steps=200, batch_size=32, lr=1e-5, group_size=8, checkpoint_every=50,
+                    eval_items=500),
+        diversity=DiversityConfig(prompts=64, k=16),
+        arith=ArithConfig(min_steps=2, max_steps=4, max_operand=20, max_value=100,
+                          ops=("+", "-", "*")),
+        facts=FactsConfig(n_entities=2000),
+    )
+
+
+PRESETS = {"test": _test, "tiny": _tiny, "small": _small}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _coerce(raw: str, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if raw not in typing.get_args(kind):
+            raise ConfigError(f"{where}: expected one of {', '.join(typing.get_args(kind))}")
+        return raw
+    if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{where}: expected true or false")
+        return raw.lower() in ("true", "1")
+    if kind in (int, float, str):
+        try:
+            return kind(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {raw!r} is not a {kind.__name__}") from exc
+    if origin in (tuple, dict) or isinstance(kind, types.GenericAlias):
+        if origin is tuple:
+            return tuple(x for x in raw.split(",") if x)
+        pairs = {}
+        for item in raw.split(","):
+            key, sep, value = item.partition(":")
+            if not sep:
+                raise ConfigError(f"{where}: expected key:value,key:value")
+            pairs[key.strip()] = _coerce(value, float, where)
+        return pairs
+    raise ConfigError(f"{where}: cannot be set from the command line")
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.field=value`` overrides, checking names and types."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        *parents, name = path.split(".")
+        chain: list[Any] = [config]
+        for part in parents:
+            if not dataclasses.is_dataclass(chain[-1]) or not hasattr(chain[-1], part):
+                raise ConfigError(f"--set {item!r}: no section {part!r}")
+            chain.append(getattr(chain[-1], part))
+        target = chain[-1]
+        fields = {f.name for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else set()
+        if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
+            raise ConfigError(f"--set {item!r}: no field {path!r}")
+        value = _coerce(raw, typing.get_type_hints(type(target))[name], f"--set {path}")
+        try:
+            updated = dataclasses.replace(target, **{name: value})  # frozen sections validate here
+        except ValueError as exc:
+            raise ConfigError(f"--set {path}: {exc}") from exc
+        for parent, part in zip(reversed(chain[:-1]), reversed(parents), strict=True):
+            if getattr(type(parent), "__dataclass_params__").frozen:
+                updated, parent = dataclasses.replace(parent, **{part: updated}), None
+            else:
+                setattr(parent, part, updated)
+                break
+    return config

@@ -1,0 +1,139 @@
+"""Stage 0a: the pretraining mixture, sampled by fixed ratios and tokenized.
+
+Four sources, as in the talk's "data mixture" slide, at miniature scale:
+
+- ``arith``: generated word problems with their worked solutions (train split only),
+- ``facts``: encyclopedia passages of the *seen* part of the fictional world, repeated so a
+  small model can memorise them,
+- ``dialogue``: chat-formatted conversations (the SFT kinds, from other seeds),
+- ``code``: real text available offline, Python's own standard-library source.
+
+Each document's source is drawn at random with weights ``ratio / mean document length``, so
+the *token* shares come out near the configured ratios; the realized shares are recorded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from assist._chat_format import render
+from evals.tasks import ArithTask, FactsTask
+from training import conversations
+
+__all__ = ["MixtureResult", "SOURCES", "build_stream", "documents", "sources"]
+
+
+def _arith(arith: ArithTask, seed: int) -> Iterator[str]:
+    # Offset far past what SFT and RL draw, so pretraining shows other problems.
+    rng = random.Random(f"pretrain-arith:{seed}")
+    for block in itertools.count():
+        for s in arith.split("train", 2000 * (block + 1))[2000 * block:]:
+            yield f"{s.question}\n{s.solution}" if rng.random() < 0.8 else s.solution
+
+
+def _facts(facts: FactsTask, seed: int) -> Iterator[str]:
+    passages = [text for _, text in facts.passages(seen=True)]
+    rng = random.Random(f"pretrain-facts:{seed}")
+    while True:
+        rng.shuffle(passages)
+        yield from passages
+
+
+def _dialogue(mixture: dict[str, float], arith: ArithTask, facts: FactsTask, seed: int) -> Iterator[str]:
+    for block in itertools.count():
+        for conv in conversations.stream(mixture, arith, facts, 1000, f"dialogue:{seed}:{block}"):
+            yield render(conv["messages"], conv["tools"])
+
+
+def _code(seed: int, chunk_chars: int = 1200) -> Iterator[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.is_file())
+    files += sorted(p for p in root.glob("[a-z]*/*.py") if "test" not in p.parts[-2])
+    random.Random(f"pretrain-code:{seed}").shuffle(files)
+    chunks: list[str] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        lines, buf = text.splitlines(keepends=True), ""
+        for line in lines:
+            buf += line
+            if len(buf) >= chunk_chars:
+                chunks.append(buf)
+                buf = ""
+        if buf.strip():
+            chunks.append(buf)
+    if not chunks:
+        raise RuntimeError(f"no Python source found under {root} for the code source")
+    while True:  # cycled only if the stream outgrows the standard library
+        yield from chunks
+
+
+SOURCES = ("arith", "facts", "dialogue", "code")
+
+
+def sources(arith: ArithTask, facts: FactsTask, sft_mixture: dict[str, float], seed: int) -> dict[str, Iterator[str]]:
+    return {
+        "arith": _arith(arith, seed),
+        "facts": _facts(facts, seed),
+        "dialogue": _dialogue(sft_mixture, arith, facts, seed),
+        "code": _code(seed),
+    }
+
+
+def documents(
+    ratios: dict[str, float], streams: dict[str, Iterator[str]], seed: int,
+    length: Callable[[str], int] = len,
+) -> Iterator[tuple[str, str]]:
+    """(source, document) pairs drawn so each source's share of ``length`` tracks its ratio."""
+    unknown = set(ratios) - set(streams)
+    if unknown or not any(v > 0 for v in ratios.values()):
+        raise ValueError(f"mixture needs positive ratios over {', '.join(SOURCES)}; got {ratios}")
+    names = [k for k, v in ratios.items() if v > 0]
+    peeked: dict[str, list[str]] = {k: [next(streams[k]) for _ in range(50)] for k in names}
+    mean_len = {k: max(1.0, sum(map(length, v)) / len(v)) for k, v in peeked.items()}
+    weights = [ratios[k] / mean_len[k] for k in names]
+    rng = random.Random(f"mixture:{seed}")
+    while True:
+        name = rng.choices(names, weights)[0]
+        yield name, (peeked[name].pop() if peeked[name] else next(streams[name]))
+
+
+@dataclass
+class MixtureResult:
+    tokens: int
+    documents: int
+    ratios: dict[str, float]  # configured
+    realized: dict[str, float]  # share of tokens actually drawn from each source
+
+
+def build_stream(
+    docs: Iterator[tuple[str, str]], encode: Callable[[str], list[int]], eot_id: int,
+    n_tokens: int, path: Path, ratios: dict[str, float],
+) -> MixtureResult:
+    """Tokenize documents into one ``uint16`` stream of at least ``n_tokens`` tokens."""
+    counts: dict[str, int] = dict.fromkeys(ratios, 0)
+    parts: list[np.ndarray] = []
+    total = n_docs = 0
+    while total < n_tokens:
+        source, text = next(docs)
+        ids = encode(text) + [eot_id]
+        parts.append(np.asarray(ids, dtype=np.uint16))
+        counts[source] += len(ids)
+        total += len(ids)
+        n_docs += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, np.concatenate(parts))
+    tmp.replace(path)
+    realized = {k: round(v / total, 4) for k, v in counts.items()}
+    return MixtureResult(total, n_docs, dict(ratios), realized)
+

@@ -1,0 +1,208 @@
+"""The whole run: tokenizer -> pretrain -> sft -> rm -> rl, resumable stage by stage.
+
+``runs/<name>/metrics.json`` is the ledger: a stage listed there, with its folder on disk,
+is finished and is never redone by ``--resume``; a stage cut short resumes from its last
+checkpoint. Under ``torchrun`` pretraining and SFT run data-parallel; the tokenizer, the
+reward model and RL run on rank 0 while the other ranks wait.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from evals import diversity
+from evals.tasks import ArithTask, FactsTask
+from training import data, pretrain, reward_model, rl, sft
+from training._loop import Dist, LoopResult, setup_distributed
+from training._model import n_params, save_stage
+from training.card import write_card
+from training.config import STAGES, RunConfig
+from training.progress import Reporter
+from training.rollouts import accuracy, rollouts
+from training.tokenizer import load_tokenizer, train_tokenizer
+
+__all__ = ["RunError", "run"]
+
+_FOLDER = {"tokenizer": "tokenizer", "pretrain": "base", "sft": "sft", "rm": "rm", "rl": "rlhf"}
+_NEEDS = {"pretrain": "tokenizer", "sft": "pretrain", "rm": "sft", "rl": "sft"}
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on as asked; the message says what to do."""
+
+
+def _ledger(out: Path) -> dict[str, Any]:
+    path = out / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+
+def _write_ledger(out: Path, ledger: dict[str, Any]) -> None:
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(ledger, indent=2))
+    tmp.replace(out / "metrics.json")
+
+
+def done(out: Path, stage: str) -> bool:
+    return stage in _ledger(out)["stages"] and (out / _FOLDER[stage]).exists()
+
+
+def _loop_metrics(result: LoopResult, n: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    losses = result.losses
+    stride = max(1, len(losses) // 50)
+    m: dict[str, Any] = {
+        "steps": result.steps, "tokens": result.tokens, "wall_s": round(result.wall_s, 2),
+        "params": n, "flops": float(6 * n * result.tokens),  # 6ND: forward + backward
+        "tokens_per_s": round(result.tokens / max(result.wall_s, 1e-9), 1),
+        "loss_first": round(losses[0], 4) if losses else None,
+        "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None,
+        "loss_curve": [round(x, 4) for x in losses[::stride]],
+        "resumed_from_step": result.resumed_from,
+    }
+    for key, values in result.metrics.items():
+        if values:
+            m[f"{key}_first"] = round(values[0], 4)
+            m[f"{key}_last"] = round(sum(values[-3:]) / len(values[-3:]), 4)
+    m.update(extra or {})
+    return m
+
+
+def evaluate(model: torch.nn.Module, out: Path, cfg: RunConfig, n: int) -> dict[str, Any]:
+    """Greedy chain-of-thought accuracy on held-out arith, and mode-collapse figures."""
+    tok = load_tokenizer(out / "tokenizer")
+    arith = ArithTask(cfg.arith)
+    test = arith.split("test", n)
+    greedy = rollouts(model, tok, test, max_new_tokens=96)
+    prompts = arith.split("test")[-cfg.diversity.prompts:]
+    samples = rollouts(model, tok, prompts, k=cfg.diversity.k, temperature=1.0,
+                       max_new_tokens=cfg.diversity.max_new_tokens, seed=cfg.seed)
+    per_prompt = [[r.tokens for r in g] for g in samples]
+    return {
+        "arith_greedy_accuracy": round(accuracy(arith, greedy), 4),
+        "arith_eval_items": len(test),
+        "truncated_rate": round(sum(r.finish_reason == "length" for g in greedy for r in g) / len(test), 4),
+        "diversity": {
+            "mean_token_entropy": round(diversity.mean_entropy([r.entropies for g in samples for r in g]), 4),
+            **{f"ead_distinct_{k}": round(sum(diversity.ead_distinct_n(s, k, len(tok)) for s in per_prompt) / len(per_prompt), 4)
+               for k in (1, 2, 3)},
+            "samples": len(per_prompt) * cfg.diversity.k,
+        },
+    }
+
+
+def _tokenizer_stage(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    arith, facts = ArithTask(cfg.arith), FactsTask(cfg.facts)
+    ratios = cfg.data.mixture
+    streams = data.sources(arith, facts, cfg.sft.mixture, cfg.seed)
+    docs = data.documents(ratios, streams, cfg.seed)
+    texts, chars = [], 0
+    while chars < cfg.data.tokenizer_chars:
+        _, text = next(docs)
+        texts.append(text)
+        chars += len(text)
+    reporter.log(f"tokenizer: training a {cfg.model.vocab_size}-token BPE on {chars:,} characters")
+    tok = train_tokenizer(texts, cfg.model.vocab_size)
+    p = cfg.pretrain
+    target = int(p.steps * p.batch_size * p.seq_len * dist.world_size * cfg.data.stream_margin)
+    # Fresh draws for the stream, so the realized shares describe what pretraining reads.
+    docs = data.documents(ratios, data.sources(arith, facts, cfg.sft.mixture, cfg.seed + 1), cfg.seed + 1)
+    reporter.log(f"data: tokenizing a {target:,}-token mixture")
+    mix = data.build_stream(docs, lambda t: tok.encode(t, add_special_tokens=False),
+                            tok.convert_tokens_to_ids("<|endoftext|>"), target,
+                            out / "data" / "pretrain.npy", ratios)
+    tmp = out / "tokenizer.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    tmp.replace(out / "tokenizer")
+    return {"vocab_size": len(tok), "tokenizer_chars": chars, "stream_tokens": mix.tokens,
+            "documents": mix.documents, "mixture": mix.ratios, "realized_mixture": mix.realized,
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def run(cfg: RunConfig, out: Path, stages: list[str] | None = None, resume: bool = False,
+        reporter: Reporter | None = None) -> dict[str, Any]:
+    stages = list(stages or STAGES)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise RunError(f"unknown stage {bad[0]!r}; expected some of {', '.join(STAGES)}")
+    hf_logging.disable_progress_bar()  # our own progress reporting is enough
+    dist = setup_distributed()
+    reporter = reporter or Reporter()
+    reporter.enabled = dist.is_main
+    ledger = _ledger(out)
+    if ledger["stages"] and not resume:
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if ledger.get("config") and ledger["config"]["preset"] != cfg.preset:
+        raise RunError(f"{out} holds a {ledger['config']['preset']!r} run, not {cfg.preset!r}")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ledger["config"] = cfg.to_dict()
+        _write_ledger(out, ledger)
+    dist.barrier()
+    ordered = [s for s in STAGES if s in stages]
+    for stage in ordered:
+        need = _NEEDS.get(stage)
+        if need and need not in ordered and not done(out, need):
+            raise RunError(f"stage {stage!r} needs {need!r} first: add it to --stages or run it once")
+    for stage in ordered:
+        if done(out, stage):
+            reporter.log(f"{stage}: already done, kept")
+            continue
+        distributed = stage in ("pretrain", "sft")
+        if not distributed and not dist.is_main:
+            dist.barrier()  # rank 0 runs this stage alone
+            continue
+        solo = Dist(device=dist.device) if not distributed else dist
+        metrics = _run_stage(stage, cfg, out, solo, reporter, resume)
+        if dist.is_main:
+            ledger = _ledger(out)
+            ledger["stages"][stage] = metrics
+            _write_ledger(out, ledger)
+            (out / "checkpoints" / f"{stage}.pt").unlink(missing_ok=True)
+            reporter.log(f"{stage}: done in {metrics.get('wall_s', 0):.1f}s")
+        dist.barrier()
+    ledger = _ledger(out)
+    if dist.is_main:
+        write_card(out, ledger)
+    return ledger
+
+
+def _run_stage(stage: str, cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool) -> dict[str, Any]:
+    if stage == "tokenizer":
+        return _tokenizer_stage(cfg, out, dist, reporter)
+    tok = load_tokenizer(out / "tokenizer")
+    card = {"stage": stage, "preset": cfg.preset, "seed": cfg.seed}
+    if stage == "pretrain":
+        model, result = pretrain.run(cfg, out, dist, reporter, resume)
+        extra = {}
+        if dist.is_main:
+            save_stage(model, tok, out / "base", card)
+            extra = evaluate(model, out, cfg, cfg.sft.eval_items)
+        return _loop_metrics(result, n_params(model), extra)
+    if stage == "sft":
+        model, result = sft.run(cfg, out, dist, reporter, resume)
+        extra = {}
+        if dist.is_main:
+            save_stage(model, tok, out / "sft", card)
+            extra = evaluate(model, out, cfg, cfg.sft.eval_items)
+        return _loop_metrics(result, n_params(model), extra)
+    if stage == "rm":
+        model, result, stats = reward_model.run(cfg, out, dist, reporter, resume)
+        save_stage(model, tok, out / "rm", card)
+        return _loop_metrics(result, n_params(model), stats)
+    model, result = rl.run(cfg, out, dist, reporter, resume)
+    save_stage(model, tok, out / "rlhf", {**card, "reward": cfg.rl.reward})
+    sft_model = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32)
+    before = evaluate(sft_model, out, cfg, cfg.rl.eval_items)
+    after = evaluate(model, out, cfg, cfg.rl.eval_items)
+    return _loop_metrics(result, n_params(model), {
+        "reward": cfg.rl.reward, "before": before, "after": after, **after})

@@ -1,0 +1,45 @@
+"""Stage 1: pretraining, next-token prediction over the tokenized mixture.
+
+Each step reads ``batch_size`` random windows of ``seq_len`` tokens from the stream; the
+window offsets are drawn from a generator seeded by (seed, step, rank), so a resumed or
+distributed run is reproducible without saving any data-loader state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training._loop import Dist, LoopResult, StepOutput, train
+from training._model import new_model
+from training.config import RunConfig
+from training.progress import Reporter
+from training.tokenizer import load_tokenizer
+
+__all__ = ["run"]
+
+
+def batch(stream: np.ndarray, seed: int, step: int, rank: int, size: int, seq_len: int) -> torch.Tensor:
+    rng = np.random.default_rng([seed, step, rank])
+    starts = rng.integers(0, len(stream) - seq_len, size=size)
+    return torch.from_numpy(np.stack([stream[s: s + seq_len] for s in starts]).astype(np.int64))
+
+
+def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool) -> tuple[torch.nn.Module, LoopResult]:
+    tok = load_tokenizer(out / "tokenizer")
+    stream = np.load(out / "data" / "pretrain.npy", mmap_mode="r")
+    if len(stream) <= cfg.pretrain.seq_len:
+        raise ValueError("the pretraining stream is shorter than one sequence")
+    model = new_model(cfg.model, tok, cfg.seed).to(dist.device)
+    p = cfg.pretrain
+
+    def step_fn(m: torch.nn.Module, step: int) -> StepOutput:
+        x = batch(stream, cfg.seed, step, dist.rank, p.batch_size, p.seq_len).to(dist.device)
+        loss = m(input_ids=x, labels=x).loss
+        return StepOutput(loss, x.numel())
+
+    result = train(model, p, step_fn, checkpoint=out / "checkpoints" / "pretrain.pt", dist=dist,
+                   reporter=reporter, label="pretrain", resume=resume)
+    return model, result

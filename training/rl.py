@@ -1,0 +1,86 @@
+"""Stage 4: reinforcement learning, the LM loss weighted by reward.
+
+Each step samples ``group_size`` completions for ``batch_size`` prompts from the current
+policy, scores them (the reward model, the task checker, or both), normalises rewards
+within each prompt's group (the advantage), and takes one step on
+
+    loss = -mean_tokens(advantage * log p(token)) + kl_coef * KL(policy || SFT reference)
+
+with the per-token KL estimated as ``exp(d) - d - 1``, ``d = log p_ref - log p``. One
+update per batch keeps it on-policy, so no ratio clipping is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from evals.tasks import ArithTask
+from training._loop import Dist, LoopResult, StepOutput, train
+from training._model import pad_right
+from training.config import RunConfig
+from training.progress import Reporter
+from training.reward_model import reward_scores
+from training.rollouts import rollouts
+from training.tokenizer import load_tokenizer
+
+__all__ = ["run", "token_logprobs"]
+
+
+def token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """log p of each row's token t given tokens < t (column 0 is zero), right-padded."""
+    device = next(model.parameters()).device
+    ids = pad_right(rows, pad_id).to(device)
+    mask = pad_right([[1] * len(r) for r in rows], 0).to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+
+
+def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool) -> tuple[torch.nn.Module, LoopResult]:
+    tok = load_tokenizer(out / "tokenizer")
+    r = cfg.rl
+    policy = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32).to(dist.device)
+    reference = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32).to(dist.device)
+    reference.requires_grad_(False).eval()
+    rm = None
+    if r.reward in ("rm", "both"):
+        rm = AutoModelForSequenceClassification.from_pretrained(out / "rm", dtype=torch.float32).to(dist.device)
+        rm.requires_grad_(False).eval()
+    task = ArithTask(cfg.arith)
+    prompts = task.train_stream(f"rl-{dist.rank}", r.steps * r.batch_size)
+
+    def step_fn(m: torch.nn.Module, step: int) -> StepOutput:
+        batch = prompts[step * r.batch_size: (step + 1) * r.batch_size]
+        groups = rollouts(policy, tok, batch, k=r.group_size, temperature=r.temperature,
+                          max_new_tokens=r.max_new_tokens, seed=cfg.seed * 100_003 + step)
+        flat = [x for g in groups for x in g]
+        checker = torch.tensor([task.score(x.sample, x.text).value for x in flat], device=dist.device)
+        rows = [x.prompt + x.tokens for x in flat]
+        with torch.no_grad():
+            learned = reward_scores(rm, tok, rows) if rm is not None else None
+        reward = {"rm": learned, "checker": checker,
+                  "both": (learned if learned is not None else checker) + checker}[r.reward]
+        assert reward is not None
+        grouped = reward.view(len(groups), r.group_size)
+        adv = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
+        # Mask: 1 on completion tokens only.
+        cmask = pad_right([[0] * len(x.prompt) + [1] * len(x.tokens) for x in flat], 0).to(dist.device).float()
+        logp = token_logprobs(m, rows, tok.pad_token_id)
+        with torch.no_grad():
+            ref = token_logprobs(reference, rows, tok.pad_token_id)
+        d = ref - logp
+        kl = (torch.exp(d) - d - 1) * cmask
+        n_tok = cmask.sum().clamp(min=1)
+        pg = -(adv.reshape(-1, 1) * logp * cmask).sum() / n_tok
+        loss = pg + r.kl_coef * kl.sum() / n_tok
+        return StepOutput(loss, int(n_tok), {
+            "reward": float(reward.mean()), "checker_accuracy": float(checker.mean()),
+            "kl": float(kl.detach().sum() / n_tok),
+        })
+
+    result = train(policy, r, step_fn, checkpoint=out / "checkpoints" / "rl.pt", dist=dist,
+                   reporter=reporter, label="rl", resume=resume)
+    return policy, result

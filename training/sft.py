@@ -1,0 +1,48 @@
+"""Stage 2: supervised fine-tuning on ideal conversations.
+
+The loss falls only on what the assistant wrote, *including* its closing ``<|im_end|>``:
+leave that token out (a known TRL pitfall) and the model never learns to stop. Each
+process reads its own slice of the conversation list, one pass, in a seeded order.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from evals.tasks import ArithTask, FactsTask
+from training import conversations
+from training._loop import Dist, LoopResult, StepOutput, train
+from training._model import IGNORE, encode_chat, pad_right
+from training.config import RunConfig
+from training.progress import Reporter
+from training.tokenizer import load_tokenizer
+
+__all__ = ["run"]
+
+
+def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool) -> tuple[torch.nn.Module, LoopResult]:
+    tok = load_tokenizer(out / "tokenizer")
+    s = cfg.sft
+    n = s.steps * s.batch_size * dist.world_size
+    convs = list(conversations.stream(s.mixture, ArithTask(cfg.arith), FactsTask(cfg.facts), n,
+                                      seed=f"sft:{cfg.seed}"))
+    encoded = [encode_chat(tok, c["messages"], c["tools"], s.seq_len) for c in convs]
+    random.Random(f"sft-order:{cfg.seed}").shuffle(encoded)
+    model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32).to(dist.device)
+
+    def step_fn(m: torch.nn.Module, step: int) -> StepOutput:
+        first = (step * dist.world_size + dist.rank) * s.batch_size
+        rows = encoded[first: first + s.batch_size]
+        ids = pad_right([r[0] for r in rows], tok.pad_token_id).to(dist.device)
+        labels = pad_right([r[1] for r in rows], IGNORE).to(dist.device)
+        mask = pad_right([[1] * len(r[0]) for r in rows], 0).to(dist.device)
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return StepOutput(loss, int(mask.sum()), {"assistant_tokens": float((labels != IGNORE).sum())})
+
+    result = train(model, s, step_fn, checkpoint=out / "checkpoints" / "sft.pt", dist=dist,
+                   reporter=reporter, label="sft", resume=resume)
+    return model, result

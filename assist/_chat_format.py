@@ -13,6 +13,7 @@ A test renders many conversations both ways and checks they are byte-identical.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "TOOL_CALL_START",
     "TOOL_RESPONSE_END",
     "TOOL_RESPONSE_START",
+    "parse_tool_calls",
     "render",
     "render_segments",
     "tool_call_text",
@@ -170,3 +172,30 @@ def render(
 ) -> str:
     """The conversation as one string, identical to the checkpoint's chat template."""
     return "".join(t for t, _ in render_segments(messages, tools, add_generation_prompt))
+
+
+_TOOL_CALL = re.compile(re.escape(TOOL_CALL_START) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_END), re.DOTALL)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Split generated text into (content, Hermes tool calls as {"name", "arguments"}).
+
+    A call whose JSON does not parse, or lacks a name, stays in the content: the caller
+    sees what the model wrote instead of losing it.
+    """
+    calls: list[dict[str, Any]] = []
+    kept: list[str] = []
+    last = 0
+    for m in _TOOL_CALL.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except ValueError:
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            continue
+        args = obj.get("arguments", {})
+        calls.append({"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)})
+        kept.append(text[last:m.start()])
+        last = m.end()
+    kept.append(text[last:])
+    return "".join(kept).strip() if calls else text, calls

@@ -243,10 +243,10 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             updated = dataclasses.replace(target, **{name: value})  # frozen sections validate here
         except ValueError as exc:
             raise ConfigError(f"--set {path}: {exc}") from exc
+        # Write back up the chain; frozen sections (the task configs) are replaced, not mutated.
         for parent, part in zip(reversed(chain[:-1]), reversed(parents), strict=True):
-            if getattr(type(parent), "__dataclass_params__").frozen:
-                updated, parent = dataclasses.replace(parent, **{part: updated}), None
-            else:
+            if not getattr(type(parent), "__dataclass_params__").frozen:
                 setattr(parent, part, updated)
                 break
+            updated = dataclasses.replace(parent, **{part: updated})
     return config

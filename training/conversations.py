@@ -31,7 +31,7 @@ from assist._prompts import (
     render_passages,
 )
 from evals.tasks import ArithTask, FactsTask, Sample
-from evals.tasks.arith import Step, parse_steps
+from evals.tasks.arith import Step, parse_steps, solution_text
 
 __all__ = ["KINDS", "Conversation", "build", "stream"]
 
@@ -59,9 +59,13 @@ def arith_direct(sample: Sample, rng: random.Random) -> Conversation:
 
 def arith_tools(sample: Sample, rng: random.Random) -> Conversation:
     messages: list[Message] = [_user(sample.question)]
+    sentences = sample.metadata["sentences"]
     for i, step in enumerate(parse_steps(sample)):
         call_id = f"call_{i}"
-        messages.append({"role": "assistant", "content": "", "tool_calls": [{
+        # The step's sentence first, so the operands sit right before the call.
+        lead = f"{sentences[0]}\n" if i == 0 else ""
+        messages.append({"role": "assistant", "content": f"{lead}{sentences[i + 1].rstrip('.')}: ",
+                         "tool_calls": [{
             "id": call_id, "type": "function",
             "function": {"name": "calculator", "arguments": {"expression": step.expression}},
         }]})
@@ -83,26 +87,21 @@ def _attempt(steps: list[Step], rng: random.Random) -> list[tuple[Step, int]]:
     return out
 
 
-def _written(attempt: list[tuple[Step, int]]) -> str:
-    lines = [f"{s.expression}=<<{s.expression}={w}>>{w}" for s, w in attempt]
-    return "\n".join(lines) + f"\n#### {attempt[-1][1]}"
-
-
 def arith_reflect(sample: Sample, rng: random.Random) -> Conversation:
     attempt = _attempt(parse_steps(sample), rng)
     checks = []
     for s, written in attempt:
         if written != s.result:
             checks.append(f"{s.expression}={written} wrong, {s.expression}={s.result}")
-            fixed = sample.solution.rsplit("\n#### ", 1)[0]
-            checks.append(f"Corrected:\n{fixed}\n#### {sample.answer}")
+            checks.append(f"Corrected:\n{sample.solution}")
             break
         checks.append(f"{s.expression}={written} correct")
     else:
         checks.append(f"{REFLECT_STANDS}\n#### {attempt[-1][1]}")
     return {"messages": [
         _user(sample.question),
-        _assistant(_written(attempt)),
+        _assistant(solution_text(sample.metadata["sentences"], [s for s, _ in attempt],
+                                 [w for _, w in attempt])),
         _user(REFLECT_PROMPT),
         _assistant("\n".join(checks)),
     ]}

@@ -201,8 +201,13 @@ def _run_stage(stage: str, cfg: RunConfig, out: Path, dist: Dist, reporter: Repo
         return _loop_metrics(result, n_params(model), stats)
     model, result = rl.run(cfg, out, dist, reporter, resume)
     save_stage(model, tok, out / "rlhf", {**card, "reward": cfg.rl.reward})
-    sft_model = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32)
-    before = evaluate(sft_model, out, cfg, cfg.rl.eval_items)
+    sft_metrics = _ledger(out)["stages"].get("sft", {})
+    if sft_metrics.get("arith_eval_items") == min(cfg.rl.eval_items, cfg.arith.test_size):
+        before = {k: sft_metrics[k] for k in ("arith_greedy_accuracy", "arith_eval_items",
+                                              "truncated_rate", "diversity")}
+    else:  # scored on another number of items: score the SFT model again, like for like
+        sft_model = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32)
+        before = evaluate(sft_model, out, cfg, cfg.rl.eval_items)
     after = evaluate(model, out, cfg, cfg.rl.eval_items)
     return _loop_metrics(result, n_params(model), {
         "reward": cfg.rl.reward, "before": before, "after": after, **after})

@@ -41,7 +41,9 @@ _PHRASES = {
     "-": ("gives away {n}", "loses {n}", "sells {n}", "uses {n}", "drops {n}"),
     "*": ("makes the pile {n} times as big", "ends up with {n} times as many"),
 }
-_LINKS = ("Then", "Next", "After that", "Later")
+# Step k always opens with marker k, so a solution line finds "its" sentence by one unique
+# word instead of by counting sentences (a small model learns that copy much sooner).
+_MARKERS = ("First", "Then", "Next", "After that", "Later", "Finally")
 _ANNOTATION = re.compile(r"<<(\d+[-+*]\d+)=(-?\d+)>>")
 
 
@@ -95,8 +97,20 @@ class ArithConfig:
             raise ValueError(f"arith: ops must be a non-empty subset of {sorted(_PHRASES)}")
 
 
-def solution_text(steps: list[Step]) -> str:
-    return "\n".join(s.line() for s in steps) + f"\n#### {steps[-1].result}"
+def solution_text(sentences: list[str], steps: list[Step], written: list[int] | None = None) -> str:
+    """The worked solution: each step's sentence restated, then its computation.
+
+    Restating the sentence puts each operand right beside the arithmetic that uses it
+    ("Mia buys 3 more: 5+3=<<5+3=8>>8"), so a small model copies locally instead of
+    counting sentences back in the question. ``written`` overrides the results written
+    (for deliberately flawed attempts); later steps then start from the written value.
+    """
+    results = written or [s.result for s in steps]
+    lines = [sentences[0]]
+    for sentence, step, result in zip(sentences[1:], steps, results, strict=False):
+        e = step.expression
+        lines.append(f"{sentence.rstrip('.')}: {e}=<<{e}={result}>>{result}")
+    return "\n".join(lines) + f"\n#### {results[-1]}"
 
 
 class ArithTask(Task):
@@ -158,15 +172,16 @@ class ArithTask(Task):
         sentences = [f"{name} has {steps[0].a} {item}."]
         for i, step in enumerate(steps):
             phrase = rng.choice(_PHRASES[step.op]).format(n=step.b)
-            lead = name if i == 0 else f"{rng.choice(_LINKS)} {name}"
+            lead = f"{_MARKERS[min(i, len(_MARKERS) - 1)]} {name}"
             sentences.append(f"{lead} {phrase}.")
         sentences.append(f"How many {item} does {name} have now?")
         return Sample(
             id=sid,
             question=" ".join(sentences),
             answer=str(steps[-1].result),
-            solution=solution_text(steps),
-            metadata={"steps": [(s.a, s.op, s.b) for s in steps], "name": name, "item": item},
+            solution=solution_text(sentences, steps),
+            metadata={"steps": [(s.a, s.op, s.b) for s in steps], "name": name, "item": item,
+                      "sentences": sentences[:-1]},
         )
 
     @cached_property

@@ -1,0 +1,109 @@
+"""A lean forward pass over an HF Llama's own weights, with a preallocated KV cache.
+
+The cache is one tensor per layer, ``[slots, kv_heads, max_len, head_dim]``; a sequence
+owns a slot for its life. Active sequences are kept in slots ``0..B-1`` (the scheduler
+compacts them), so a decode step reads ``cache[:B, :, :L]`` as a view, with no gathering.
+Prefill writes a prompt's keys and values into its slot once; ``n`` samples of one prompt
+copy that slot instead of recomputing it.
+
+The arithmetic mirrors ``transformers``' Llama (RMSNorm in float32, rotary tables built
+the same way, SiLU-gated MLP), so greedy decoding matches it token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LlamaRunner"]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaRunner:
+    def __init__(self, model: torch.nn.Module, slots: int, max_len: int) -> None:
+        cfg = model.config
+        if getattr(cfg, "model_type", "") != "llama":
+            raise ValueError(f"the torch engine runs Llama checkpoints, not {cfg.model_type!r}")
+        rope = getattr(cfg, "rope_scaling", None) or {}
+        if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError("the torch engine supports default RoPE only")
+        self.model = model.eval()
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self.slots = slots
+        self.max_len = min(max_len, cfg.max_position_embeddings)
+        shape = (slots, self.n_kv, self.max_len, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
+        # Rotary tables, computed exactly as LlamaRotaryEmbedding does.
+        inv_freq = model.model.rotary_emb.inv_freq.to(self.device, torch.float32)
+        scale = getattr(model.model.rotary_emb, "attention_scaling", 1.0)
+        positions = torch.arange(self.max_len, device=self.device, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * scale).to(self.dtype)
+        self.sin = (emb.sin() * scale).to(self.dtype)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot_start: int) -> torch.Tensor:
+        """Logits for the last token of each row.
+
+        ``tokens``/``positions``: ``[B, T]``; row ``b`` lives in slot ``slot_start + b`` and
+        its tokens sit at consecutive ``positions`` (prefill: 0..T-1, decode: one each).
+        Keys and values are written to the cache; attention reads each row's own prefix.
+        """
+        bsz, t = tokens.shape
+        m = self.model.model
+        h = m.embed_tokens(tokens)
+        cos = self.cos[positions][:, None]  # [B, 1, T, D]
+        sin = self.sin[positions][:, None]
+        rows = slice(slot_start, slot_start + bsz)
+        end = int(positions.max()) + 1
+        # Key j is visible to the query at position p when j <= p.
+        keys = torch.arange(end, device=self.device)
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, end]
+        for i, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            x = self._norm(h, layer.input_layernorm.weight)
+            q = attn.q_proj(x).view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            index = positions[:, None, :, None].expand(bsz, self.n_kv, t, self.head_dim)
+            self.k[i][rows].scatter_(2, index, k)
+            self.v[i][rows].scatter_(2, index, v)
+            kk, vv = self.k[i][rows, :, :end], self.v[i][rows, :, :end]
+            if self.n_kv != self.n_heads:
+                rep = self.n_heads // self.n_kv
+                kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
+            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            out = out.transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
+            h = h + attn.o_proj(out)
+            x = self._norm(h, layer.post_attention_layernorm.weight)
+            h = h + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x))
+        h = self._norm(h[:, -1], m.norm.weight)
+        return self.model.lm_head(h).float()
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Compaction: a finished sequence's slot takes the last active one's contents."""
+        self.copy_slot(src, dst, length)

@@ -1,0 +1,72 @@
+"""Test doubles shipped with the package, so users can test their own strategies.
+
+``FakeChatModel`` answers from a script instead of a network or a model: a list of replies
+consumed in order, or a function of the request. It records every call, counts usage the
+way a real server would (whitespace tokens), and honours ``n``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from assist._protocol import Messages
+from assist.types import ChatCompletion, Choice, FunctionCall, Message, ToolCall, Usage
+
+__all__ = ["FakeChatModel", "Reply", "tool_reply"]
+
+Reply = str | Message  # a text reply, or a full message (tool calls, say)
+
+
+def tool_reply(name: str, arguments: Mapping[str, Any], call_id: str | None = None) -> Message:
+    """An assistant message that calls one tool."""
+    call = ToolCall(function=FunctionCall(name=name, arguments=json.dumps(dict(arguments))))
+    if call_id:
+        call.id = call_id
+    return Message(role="assistant", content=None, tool_calls=[call])
+
+
+def _count(text: str | None) -> int:
+    return len((text or "").split())
+
+
+@dataclass
+class FakeChatModel:
+    """A scripted ChatModel.
+
+    ``replies``: consumed one per completion (``n=3`` takes three); when exhausted the last
+    one repeats. ``respond``: called as ``respond(messages, kwargs)`` for each completion
+    instead; return a str or a Message.
+    """
+
+    replies: Sequence[Reply] = ()
+    respond: Callable[[Messages, dict[str, Any]], Reply] | None = None
+    name: str = "fake"
+    supports_n: bool = True
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    _next: int = 0
+
+    async def chat(self, messages: Messages, **kwargs: Any) -> ChatCompletion:
+        n = int(kwargs.get("n", 1))
+        self.calls.append({"messages": [dict(m) for m in messages], **kwargs})
+        choices = []
+        for i in range(n):
+            reply = self._reply(messages, kwargs)
+            message = reply if isinstance(reply, Message) else Message(role="assistant", content=reply)
+            finish = "tool_calls" if message.tool_calls else "stop"
+            choices.append(Choice(index=i, message=message, finish_reason=finish))
+        prompt = sum(_count(str(m.get("content") or "")) for m in messages)
+        completion = sum(_count(c.message.content) + 8 * len(c.message.tool_calls or []) for c in choices)
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return ChatCompletion(model=self.name, choices=choices, usage=usage)
+
+    def _reply(self, messages: Messages, kwargs: dict[str, Any]) -> Reply:
+        if self.respond is not None:
+            return self.respond(messages, kwargs)
+        if not self.replies:
+            raise RuntimeError("FakeChatModel has no replies scripted")
+        reply = self.replies[min(self._next, len(self.replies) - 1)]
+        self._next += 1
+        return reply

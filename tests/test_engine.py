@@ -1,0 +1,137 @@
+"""The built-in torch engine: transformers parity, batching, sampling controls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from assist.engine import LlamaRunner, SamplingParams, Scheduler
+
+
+def _model(layers: int = 2, kv: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=kv, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _scheduler(model, slots: int = 8, eos: tuple[int, ...] = (63,)) -> Scheduler:
+    return Scheduler(LlamaRunner(model, slots=slots, max_len=128), lambda ids: " ".join(map(str, ids)), eos_ids=eos)
+
+
+@pytest.mark.parametrize("kv", [2, 1])
+def test_runner_logits_match_transformers(kv):
+    model = _model(kv=kv)
+    runner = LlamaRunner(model, slots=2, max_len=64)
+    ids = torch.tensor([[5, 9, 13, 2, 40, 41]])
+    with torch.no_grad():
+        ref = model(ids).logits[0, -1]
+    ours = runner.forward(ids, torch.arange(6)[None], 1)[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_greedy_requests_equal_transformers_generate():
+    model = _model()
+    sched = _scheduler(model)
+    prompts = [[1, 2, 3], [7], [4, 4, 4, 4, 4, 9], [10, 11], [12, 13, 14, 15], [3, 1]]
+    futures = [sched.submit(p, SamplingParams(max_tokens=10 + i)) for i, p in enumerate(prompts)]
+    try:
+        for i, (p, f) in enumerate(zip(prompts, futures)):
+            out = f.result(timeout=60).outputs[0]
+            ref = model.generate(torch.tensor([p]), max_new_tokens=10 + i, do_sample=False, eos_token_id=63,
+                                 pad_token_id=0)[0, len(p):].tolist()
+            assert out.token_ids == ref
+            assert out.finish_reason == ("stop" if ref[-1] == 63 else "length")
+    finally:
+        sched.close()
+
+
+def test_more_requests_than_slots_all_complete_in_order_of_content():
+    model = _model()
+    sched = _scheduler(model, slots=3, eos=())
+    try:
+        futures = [sched.submit([i % 50 + 1, 2], SamplingParams(max_tokens=5)) for i in range(20)]
+        results = [f.result(timeout=60) for f in futures]
+        alone = sched.submit([1, 2], SamplingParams(max_tokens=5)).result(timeout=60)
+    finally:
+        sched.close()
+    assert all(len(r.outputs[0].token_ids) == 5 for r in results)
+    assert results[0].outputs[0].token_ids == alone.outputs[0].token_ids  # batching changes nothing
+
+
+def test_n_samples_share_the_prompt_and_seeds_reproduce():
+    model = _model()
+    sched = _scheduler(model)
+    try:
+        p = SamplingParams(max_tokens=12, temperature=1.0, n=4, seed=11, logprobs=True, top_logprobs=3)
+        a = sched.submit([1, 2, 3], p).result(timeout=60)
+        b = sched.submit([1, 2, 3], p).result(timeout=60)
+        c = sched.submit([1, 2, 3], SamplingParams(max_tokens=12, temperature=1.0, n=4, seed=12)).result(timeout=60)
+    finally:
+        sched.close()
+    assert [o.index for o in a.outputs] == [0, 1, 2, 3]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert [o.token_ids for o in a.outputs] != [o.token_ids for o in c.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1
+    first = a.outputs[0].logprobs[0]
+    assert len(first.top) == 3 and first.top[0][1] >= first.top[-1][1] and first.logprob <= 0
+
+
+def test_stop_strings_cut_the_text():
+    model = _model()
+    sched = _scheduler(model)
+    try:
+        free = sched.submit([1, 2, 3], SamplingParams(max_tokens=8)).result(timeout=60).outputs[0]
+        cut = free.text.split(" ")[2]
+        stopped = sched.submit([1, 2, 3], SamplingParams(max_tokens=8, stop=(" " + cut,))).result(timeout=60).outputs[0]
+    finally:
+        sched.close()
+    assert stopped.finish_reason == "stop"
+    assert free.text.startswith(stopped.text) and (" " + cut) not in stopped.text
+
+
+def test_cancelled_requests_free_their_slots():
+    model = _model()
+    sched = _scheduler(model, slots=2)
+    try:
+        long = [sched.submit([1], SamplingParams(max_tokens=100)) for _ in range(2)]
+        for f in long:
+            f.cancel()
+        quick = sched.submit([2], SamplingParams(max_tokens=3)).result(timeout=60)
+    finally:
+        sched.close()
+    assert len(quick.outputs[0].token_ids) == 3
+
+
+def test_bad_requests_are_refused():
+    sched = _scheduler(_model(), slots=2)
+    try:
+        with pytest.raises(ValueError, match="empty"):
+            sched.submit([], SamplingParams())
+        with pytest.raises(ValueError, match="slots"):
+            sched.submit([1], SamplingParams(n=3))
+        with pytest.raises(ValueError, match="context"):
+            sched.submit([1] * 200, SamplingParams())
+    finally:
+        sched.close()
+
+
+@pytest.mark.slow
+def test_torch_engine_chat_on_a_trained_checkpoint(trained_run):
+    import assist
+
+    out, _ = trained_run
+    engine = assist.load(out / "sft", max_batch=16)
+    try:
+        result = asyncio.run(engine.chat([{"role": "user", "content": "Mia has 3 cups."}], n=3, temperature=0.8,
+                                         seed=1, max_tokens=20))
+        greedy = asyncio.run(engine.chat([{"role": "user", "content": "Mia has 3 cups."}], max_tokens=20))
+    finally:
+        engine.close()
+    assert len(result.choices) == 3
+    assert result.usage.completion_tokens >= 3 and result.usage.prompt_tokens > 5
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+    assert greedy.choices[0].finish_reason in ("stop", "length")

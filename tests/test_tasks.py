@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evals.tasks import (
+    ArithConfig,
+    ArithTask,
+    FactsTask,
+    JsonlError,
+    JsonlTask,
+    get_task,
+    gsm8k_flexible,
+    gsm8k_strict,
+    gsm8k_task,
+    normalize,
+)
+from evals.tasks._extract import final_line
+
+
+def test_arith_is_deterministic_and_splits_are_disjoint():
+    a, b = ArithTask(), ArithTask()
+    assert [s.question for s in a.split("test", 50)] == [s.question for s in b.split("test", 50)]
+    test = {s.question for s in a.split("test")}
+    validation = {s.question for s in a.split("validation")}
+    train = {s.question for s in a.split("train", 5000)}
+    assert len(test) == 1000 and len(validation) == 500
+    assert not test & validation and not test & train and not validation & train
+    assert not {s.question for s in a.train_stream("rl", 3000)} & test
+
+
+def test_arith_solutions_follow_gsm8k_format_and_score_correct():
+    task = ArithTask()
+    for sample in task.split("test", 200):
+        lines = sample.solution.splitlines()
+        assert lines[-1] == f"#### {sample.answer}"
+        assert sample.question.startswith(lines[0])  # the start restated
+        steps = lines[1:-1]
+        assert 2 <= len(steps) <= 3
+        for line in steps:
+            sentence, _, calc = line.partition(": ")
+            assert sentence in sample.question  # each step restates its sentence
+            expr, _, rest = calc.partition("=<<")
+            assert rest.startswith(expr + "=")
+        score = task.score(sample, sample.solution)
+        assert score.correct and score.value == 1.0
+        assert 0 <= int(sample.answer) <= 20
+
+
+def test_arith_partial_credit_ranks_wrong_answers_below_correct():
+    task = ArithTask()
+    sample = task.split("test", 1)[0]
+    good_steps_bad_answer = sample.solution.rsplit("#### ", 1)[0] + f"#### {int(sample.answer) + 1}"
+    assert task.score(sample, "nonsense").value == 0.0
+    partial = task.score(sample, good_steps_bad_answer)
+    assert not partial.correct and 0.2 < partial.value < 1.0
+    assert task.score(sample, "1+1=<<1+1=3>>3\n#### 3").value < partial.value
+
+
+def test_arith_knobs_make_harder_problems():
+    hard = ArithTask(ArithConfig(min_steps=4, max_steps=4, max_operand=20, max_value=100, ops=("+", "-", "*")))
+    samples = hard.split("test", 100)
+    assert all(len(s.metadata["steps"]) == 4 for s in samples)
+    assert any(op == "*" for s in samples for _, op, _ in s.metadata["steps"])
+    assert max(int(s.answer) for s in samples) > 20
+    with pytest.raises(ValueError, match="min_steps"):
+        ArithConfig(min_steps=3, max_steps=2)
+
+
+def test_facts_world_seen_unseen_and_splits():
+    task = FactsTask()
+    assert len(task.entities) >= 500
+    assert len({e.name for e in task.entities}) == len(task.entities)
+    seen = {e.id for e in task.entities if e.seen}
+    assert 0 < len(seen) < len(task.entities)
+    train, test = task.split("train"), task.split("test")
+    assert all(s.metadata["entity"] in seen for s in train)
+    assert {s.id for s in train}.isdisjoint({s.id for s in test})
+    assert any(not s.metadata["seen"] for s in test) and any(s.metadata["seen"] for s in test)
+    # Every answer is in its entity's passage, and the ideal answer scores correct.
+    for s in test[:100]:
+        assert s.answer in task.passage(task.entity(s.metadata["entity"]))
+        assert task.score(s, task.answer_with_citation(s)).correct
+
+
+def test_extractors_follow_lm_eval_normalisation():
+    assert gsm8k_strict("so #### 1,000.") == "1000"
+    assert gsm8k_strict("#### -7") == "-7"
+    assert gsm8k_strict("the answer is 5") is None
+    assert gsm8k_flexible("I paid $1,200 then 3.5.") == "3.5"
+    assert gsm8k_flexible("no numbers") is None
+    assert final_line("x\n#### Tarsk \n") == "Tarsk"
+    assert normalize("7.0") == "7" and normalize(" The Drulo. ") == "the drulo"
+
+
+def test_gsm8k_loader_reads_real_files(gsm8k_dir):
+    task = gsm8k_task(gsm8k_dir)
+    test = task.split("test")
+    assert len(test) == 1319
+    first = test[0]
+    assert first.answer == "18" and "####" in first.solution
+    assert task.score(first, first.solution).correct
+    assert len(task.split("train", 10)) == 10
+
+
+def test_scoring_agrees_with_gsm8k_correctness_labels(gsm8k_dir):
+    """OpenAI's GPT-3 sample solutions carry correctness labels; our flexible scorer agrees."""
+    rows = [json.loads(line) for line in (gsm8k_dir / "example_model_solutions.jsonl").open()]
+    agree = total = 0
+    for row in rows:
+        gold = gsm8k_strict(row["ground_truth"].replace("A: ", "#### ")) or ""
+        for key, value in row.items():
+            if isinstance(value, dict) and "is_correct" in value:
+                predicted = gsm8k_flexible(value["solution"])
+                agree += (predicted is not None and normalize(predicted) == normalize(gold)) == value["is_correct"]
+                total += 1
+    assert total > 1000
+    assert agree / total > 0.99
+
+
+def test_jsonl_task_reports_bad_lines(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "2"}\nnot json\n{"question": "x"}\n')
+    with pytest.raises(JsonlError, match=r"t.jsonl:2"):
+        JsonlTask("t", {"test": path}).split("test")
+    task = JsonlTask("t", {"test": path}, skip_bad=True)
+    assert [s.answer for s in task.split("test")] == ["2"]
+    assert len(task.problems) == 2 and "t.jsonl:3" in task.problems[1]
+    with pytest.raises(JsonlError, match="cannot read"):
+        JsonlTask("t", {"test": tmp_path / "missing.jsonl"}).split("test")
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("nope")

@@ -1,0 +1,72 @@
+"""Unit tests of the training pieces: config overrides, schedules, losses, metrics, mixture."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from evals.diversity import distinct_n, ead_distinct_n, mean_entropy
+from training import data
+from training._loop import lr_at
+from training.config import ConfigError, OptimConfig, apply_overrides, preset
+from training.reward_model import pair_loss, pairs
+
+
+def test_presets_and_overrides():
+    cfg = apply_overrides(preset("tiny"), ["pretrain.steps=7", "rl.reward=both", "arith.max_steps=4",
+                                           "data.mixture=arith:1,code:1"])
+    assert cfg.pretrain.steps == 7 and cfg.rl.reward == "both" and cfg.arith.max_steps == 4
+    assert cfg.data.mixture == {"arith": 1.0, "code": 1.0}
+    for bad, message in [("nosuch.x=1", "no section"), ("pretrain.steps=abc", "not a int"),
+                         ("rl.reward=magic", "one of"), ("pretrain.steps", "section.field=value"),
+                         ("arith.min_steps=9", "min_steps")]:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(preset("test"), [bad])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("huge")
+
+
+def test_lr_warms_up_then_decays_by_cosine_to_the_floor():
+    cfg = OptimConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_reward_pairs_and_pairwise_loss():
+    assert sorted(pairs([1.0, 0.0, 0.35, 0.0])) == [(0, 1), (0, 2), (0, 3), (2, 1), (2, 3)]
+    assert pairs([0.0, 0.0]) == []
+    rewards = torch.tensor([2.0, 0.0, 1.0])
+    loss, acc = pair_loss(rewards, [(0, 1), (1, 2)])
+    expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
+    assert float(loss) == pytest.approx(expected) and acc == 0.5
+
+
+def test_diversity_metrics_on_known_sequences():
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 5]]
+    assert distinct_n(seqs, 1) == pytest.approx(5 / 8)
+    assert distinct_n(seqs, 2) == pytest.approx(4 / 6)
+    v, c = 10, 8
+    assert ead_distinct_n(seqs, 1, v) == pytest.approx(5 / (v * (1 - ((v - 1) / v) ** c)))
+    assert ead_distinct_n([[7, 7, 7, 7]] * 2, 1, 100) < ead_distinct_n(seqs, 1, 100)
+    assert mean_entropy([[1.0, 2.0], [3.0]]) == pytest.approx(2.0)
+
+
+def test_mixture_realizes_configured_token_shares(tmp_path):
+    def const(text):
+        return itertools.repeat(text)
+
+    streams = {"a": const("x" * 10), "b": const("y" * 100)}
+    ratios = {"a": 0.75, "b": 0.25}
+    docs = data.documents(ratios, streams, seed=0)
+    result = data.build_stream(docs, lambda t: [ord(ch) for ch in t], 0, 200_000, tmp_path / "s.npy", ratios)
+    assert result.tokens >= 200_000
+    assert result.realized["a"] == pytest.approx(0.75, abs=0.03)
+    assert result.realized["b"] == pytest.approx(0.25, abs=0.03)
+    with pytest.raises(ValueError, match="mixture"):
+        next(data.documents({"zzz": 1.0}, streams, seed=0))

@@ -9,7 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from assist._chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, parse_tool_calls, render, render_segments
+from assist._chat_format import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    parse_tool_calls,
+    render,
+    render_segments,
+)
 from assist._prompts import Passage, render_passages
 from assist._protocol import ChatModel, Messages
 from assist.types import ChatCompletion, Choice, Message, ToolCall, Usage

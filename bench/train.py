@@ -113,12 +113,12 @@ def main() -> None:
     import json
     ledger = json.loads((run / "metrics.json").read_text())
     stages = ledger["stages"]
-    pipeline_s = sum(m.get("wall_s", 0) for m in stages.values())
+    pipeline_s = sum(m.get("stage_wall_s", m.get("wall_s", 0)) for m in stages.values())
     figures: dict = {
         "preset": ledger["config"]["preset"],
         "pipeline_wall_s": round(pipeline_s, 1),
         "pipeline_goal_s": 900,
-        "stage_wall_s": {k: m.get("wall_s") for k, m in stages.items()},
+        "stage_wall_s": {k: m.get("stage_wall_s", m.get("wall_s")) for k, m in stages.items()},
         "params": stages["pretrain"]["params"],
         "pretrain_tokens": stages["pretrain"]["tokens"],
         "flops": {k: m.get("flops") for k, m in stages.items() if m.get("flops")},
@@ -136,7 +136,7 @@ def main() -> None:
     for name in ("sft", "rlhf"):
         print(f"scoring {name} on {len(items)} held-out arith items ...", flush=True)
         model = AutoModelForCausalLM.from_pretrained(run / name, dtype=torch.float32).to(device)
-        groups = rollouts(model, tok, items, max_new_tokens=96)
+        groups = rollouts(model, tok, items, max_new_tokens=cfg.rl.max_new_tokens)
         k = round(accuracy(arith, groups) * len(items))
         div = evaluate(model, run, cfg, 1)["diversity"]
         acc[name] = {"arith_greedy_cot_accuracy": round(k / len(items), 4), "ci95": wilson(k, len(items)),

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import ASSIST, REPO, run_assist
 

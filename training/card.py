@@ -22,7 +22,7 @@ def summary_rows(ledger: dict[str, Any]) -> list[tuple[str, ...]]:
     for stage, m in ledger.get("stages", {}).items():
         held = m.get("arith_greedy_accuracy", m.get("heldout_pair_accuracy"))
         rows.append((stage, _fmt(m.get("steps")), _fmt(m.get("tokens", m.get("stream_tokens"))),
-                     _fmt(m.get("wall_s")), _fmt(m.get("flops")), _fmt(m.get("loss_last")), _fmt(held)))
+                     _fmt(m.get("stage_wall_s", m.get("wall_s"))), _fmt(m.get("flops")), _fmt(m.get("loss_last")), _fmt(held)))
     return rows
 
 

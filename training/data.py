@@ -31,11 +31,10 @@ __all__ = ["MixtureResult", "SOURCES", "build_stream", "documents", "sources"]
 
 
 def _arith(arith: ArithTask, seed: int) -> Iterator[str]:
-    # Offset far past what SFT and RL draw, so pretraining shows other problems.
+    # Its own stream of train problems: never a validation or test question.
     rng = random.Random(f"pretrain-arith:{seed}")
-    for block in itertools.count():
-        for s in arith.split("train", 2000 * (block + 1))[2000 * block:]:
-            yield f"{s.question}\n{s.solution}" if rng.random() < 0.8 else s.solution
+    for s in arith.iter_train(f"pretrain-{seed}"):
+        yield f"{s.question}\n{s.solution}" if rng.random() < 0.8 else s.solution
 
 
 def _facts(facts: FactsTask, seed: int) -> Iterator[str]:

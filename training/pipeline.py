@@ -79,7 +79,7 @@ def evaluate(model: torch.nn.Module, out: Path, cfg: RunConfig, n: int) -> dict[
     tok = load_tokenizer(out / "tokenizer")
     arith = ArithTask(cfg.arith)
     test = arith.split("test", n)
-    greedy = rollouts(model, tok, test, max_new_tokens=96)
+    greedy = rollouts(model, tok, test, max_new_tokens=cfg.rl.max_new_tokens)
     prompts = arith.split("test")[-cfg.diversity.prompts:]
     samples = rollouts(model, tok, prompts, k=cfg.diversity.k, temperature=1.0,
                        max_new_tokens=cfg.diversity.max_new_tokens, seed=cfg.seed)
@@ -162,13 +162,16 @@ def run(cfg: RunConfig, out: Path, stages: list[str] | None = None, resume: bool
             dist.barrier()  # rank 0 runs this stage alone
             continue
         solo = Dist(device=dist.device) if not distributed else dist
+        t0 = time.perf_counter()
         metrics = _run_stage(stage, cfg, out, solo, reporter, resume)
+        # The whole stage (sampling, evaluation, saving), beside the loop's own wall_s.
+        metrics["stage_wall_s"] = round(time.perf_counter() - t0, 2)
         if dist.is_main:
             ledger = _ledger(out)
             ledger["stages"][stage] = metrics
             _write_ledger(out, ledger)
             (out / "checkpoints" / f"{stage}.pt").unlink(missing_ok=True)
-            reporter.log(f"{stage}: done in {metrics.get('wall_s', 0):.1f}s")
+            reporter.log(f"{stage}: done in {metrics['stage_wall_s']:.1f}s")
         dist.barrier()
     ledger = _ledger(out)
     if dist.is_main:

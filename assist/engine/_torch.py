@@ -9,7 +9,6 @@ scheduler. Tool calls in the output (Hermes ``<tool_call>`` blocks) come back as
 from __future__ import annotations
 
 import asyncio
-
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path

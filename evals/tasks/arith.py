@@ -1,25 +1,29 @@
 """``arith``: GSM8K-style word problems, generated.
 
-A problem is a chain of 2–4 steps over small operands ("Mia has 5 apples. She buys 3 more.
-Then she gives away 4 ..."). The ideal solution writes one line per step with GSM8K's
-calculator annotation and ends with ``#### N``::
+A problem is a chain of 2–4 steps over small operands, each step opening with a fixed
+marker ("Mia has 5 apples. First Mia buys 3 more. Then Mia gives away 4. ..."). The ideal
+solution restates each step and computes it with GSM8K's calculator annotation, ending in
+``#### N``::
 
-    5+3=<<5+3=8>>8
-    8-4=<<8-4=4>>4
+    Mia has 5 apples.
+    First Mia buys 3 more: 5+3=<<5+3=8>>8
+    Then Mia gives away 4: 8-4=<<8-4=4>>4
     #### 4
 
-Single-digit facts are memorisable by a few-million-parameter model, yet chaining them makes
-errors stochastic: the regime where voting, tools and reflection help. The knobs
-(``steps``, ``max_operand``, ``max_value``, ``ops``) make harder variants for a GPU.
+Single-digit facts are memorisable by a model of about a million parameters, yet chaining
+them makes errors stochastic: the regime where voting, tools and reflection help. The knobs
+(``min_steps``/``max_steps``, ``max_operand``, ``max_value``, ``ops``) make harder variants
+for a GPU.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-
-import re
 
 from evals.tasks._base import Sample, Score, Split, Task, check_split
 from evals.tasks._extract import gsm8k_strict, normalize
@@ -79,9 +83,9 @@ class ArithConfig:
     """Difficulty knobs. The defaults suit the CPU ``tiny`` preset."""
 
     min_steps: int = 2
-    max_steps: int = 3
+    max_steps: int = 4
     max_operand: int = 9  # operands of + and - are in 1..max_operand; the start too
-    max_value: int = 20  # every intermediate result stays in 0..max_value
+    max_value: int = 30  # every intermediate result stays in 0..max_value
     ops: tuple[str, ...] = ("+", "-")
     max_factor: int = 3  # operand of * (only when "*" is in ops)
     test_size: int = 1000
@@ -216,15 +220,17 @@ class ArithTask(Task):
         Streams are independent draws, so they may repeat each other, but none of them ever
         contains a validation or test question.
         """
+        return list(itertools.islice(self.iter_train(name), n))
+
+    def iter_train(self, name: str) -> Iterator[Sample]:
+        """The endless form of :meth:`train_stream`."""
         test, validation = self._held_out
         held = {s.question for s in test} | {s.question for s in validation}
         rng = random.Random(f"arith:{self.config.seed}:train:{name}")
-        out: list[Sample] = []
-        while len(out) < n:
-            s = self._make(rng, f"arith-train-{name}-{len(out)}")
+        for i in itertools.count():
+            s = self._make(rng, f"arith-train-{name}-{i}")
             if s.question not in held:
-                out.append(s)
-        return out
+                yield s
 
 
 def parse_steps(sample: Sample) -> list[Step]:

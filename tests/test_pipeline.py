@@ -33,7 +33,7 @@ def test_test_preset_trains_every_stage_in_under_a_minute(trained_run):
     assert {"reward_first", "kl_last", "before", "after"} <= set(rl)
     assert 0.0 <= ledger["stages"]["rm"]["heldout_pair_accuracy"] <= 1.0
     mix = ledger["stages"]["tokenizer"]
-    assert set(mix["realized_mixture"]) == {"arith", "dialogue", "facts", "code"}
+    assert set(mix["realized_mixture"]) == {"arith", "dialogue", "facts", "code", "copy"}
     assert abs(sum(mix["realized_mixture"].values()) - 1.0) < 1e-3
     assert (out / "README.md").read_text().startswith("# assist `test` assistant")
     assert not list((out / "checkpoints").glob("*.pt")), "finished stages leave no checkpoints"
@@ -80,7 +80,7 @@ def test_bad_flags_give_one_clear_line(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "r" / "tokenizer").exists()
+    assert not (tmp_path / "r").exists()  # nothing written
 
 
 def test_existing_run_needs_resume_and_files_are_not_folders(trained_run, tmp_path):
@@ -95,3 +95,6 @@ def test_existing_run_needs_resume_and_files_are_not_folders(trained_run, tmp_pa
     assert proc.returncode == 2 and "not a folder" in proc.stderr
     proc = run_assist("train", "--preset", "test")
     assert proc.returncode == 2 and "--out" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_assist("train", "--preset", "test", "--out", str(out), "--resume", "--set", "sft.steps=99")
+    assert proc.returncode == 2 and "sft.steps differs" in proc.stderr
+    assert (out / "metrics.json").read_text() == before

@@ -70,7 +70,7 @@ class DataConfig:
     """The pretraining mixture: each document's source is drawn by these ratios."""
 
     mixture: dict[str, float] = field(
-        default_factory=lambda: {"arith": 0.5, "dialogue": 0.2, "facts": 0.15, "code": 0.15}
+        default_factory=lambda: {"arith": 0.5, "dialogue": 0.2, "facts": 0.1, "code": 0.1, "copy": 0.1}
     )
     tokenizer_chars: int = 2_000_000  # text the BPE is trained on
     stream_margin: float = 1.05  # tokens built / tokens pretraining consumes
@@ -153,12 +153,15 @@ def _test() -> RunConfig:
 
 def _tiny() -> RunConfig:
     # Tuned on 2 CPU cores: a small model with many optimizer steps learns to copy operands
-    # from the question far sooner than a wider one with fewer steps; lr 8e-3 diverged here.
+    # from the question far sooner than a wider one with fewer steps (lr 8e-3 diverged).
+    # Without the `copy` source, whether copying emerged in 1000 steps was a coin flip
+    # (SFT 3-60% across runs); with it, two seeds gave 77.5% and 86%.
     return RunConfig(
         preset="tiny",
         model=ModelConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=4,
                           num_heads=4, num_kv_heads=4, max_seq_len=512),
-        data=DataConfig(mixture={"arith": 0.6, "dialogue": 0.2, "facts": 0.1, "code": 0.1}),
+        data=DataConfig(mixture={"arith": 0.6, "dialogue": 0.15, "facts": 0.05, "code": 0.05,
+                                 "copy": 0.15}),
         pretrain=OptimConfig(steps=1000, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30,
                              checkpoint_every=100),
         sft=SFTConfig(steps=400, batch_size=16, seq_len=384, lr=2e-3, warmup_steps=20,

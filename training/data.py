@@ -1,12 +1,13 @@
 """Stage 0a: the pretraining mixture, sampled by fixed ratios and tokenized.
 
-Four sources, as in the talk's "data mixture" slide, at miniature scale:
+Five sources, as in the talk's "data mixture" slide, at miniature scale:
 
 - ``arith``: generated word problems with their worked solutions (train split only),
 - ``facts``: encyclopedia passages of the *seen* part of the fictional world, repeated so a
   small model can memorise them,
 - ``dialogue``: chat-formatted conversations (the SFT kinds, from other seeds),
-- ``code``: real text available offline, Python's own standard-library source.
+- ``code``: real text available offline, Python's own standard-library source,
+- ``copy``: spans of problem text repeated twice, which teaches copying from context.
 
 Each document's source is drawn at random with weights ``ratio / mean document length``, so
 the *token* shares come out near the configured ratios; the realized shares are recorded.
@@ -35,6 +36,21 @@ def _arith(arith: ArithTask, seed: int) -> Iterator[str]:
     rng = random.Random(f"pretrain-arith:{seed}")
     for s in arith.iter_train(f"pretrain-{seed}"):
         yield f"{s.question}\n{s.solution}" if rng.random() < 0.8 else s.solution
+
+
+def _copy(arith: ArithTask, seed: int) -> Iterator[str]:
+    """Text, then the same text again: the plainest lesson in copying from context.
+
+    A small model reads the operands of a word problem back out of the question by
+    induction ("what followed this the last time?"). Repeated spans teach that mechanism
+    far sooner than the problems alone do, and the spans here are problem sentences.
+    """
+    rng = random.Random(f"pretrain-copy:{seed}")
+    for s in arith.iter_train(f"copy-{seed}"):
+        sentences = list(s.metadata["sentences"])
+        rng.shuffle(sentences)
+        span = " ".join(sentences[: rng.randint(2, len(sentences))])
+        yield f"{span}\n{span}"
 
 
 def _facts(facts: FactsTask, seed: int) -> Iterator[str]:
@@ -76,7 +92,7 @@ def _code(seed: int, chunk_chars: int = 1200) -> Iterator[str]:
         yield from chunks
 
 
-SOURCES = ("arith", "facts", "dialogue", "code")
+SOURCES = ("arith", "facts", "dialogue", "code", "copy")
 
 
 def sources(arith: ArithTask, facts: FactsTask, sft_mixture: dict[str, float], seed: int) -> dict[str, Iterator[str]]:
@@ -85,6 +101,7 @@ def sources(arith: ArithTask, facts: FactsTask, sft_mixture: dict[str, float], s
         "facts": _facts(facts, seed),
         "dialogue": _dialogue(sft_mixture, arith, facts, seed),
         "code": _code(seed),
+        "copy": _copy(arith, seed),
     }
 
 

@@ -141,18 +141,21 @@ def run(cfg: RunConfig, out: Path, stages: list[str] | None = None, resume: bool
     ledger = _ledger(out)
     if ledger["stages"] and not resume:
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if ledger.get("config") and ledger["config"]["preset"] != cfg.preset:
-        raise RunError(f"{out} holds a {ledger['config']['preset']!r} run, not {cfg.preset!r}")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ledger["config"] = cfg.to_dict()
-        _write_ledger(out, ledger)
-    dist.barrier()
+    config = json.loads(json.dumps(cfg.to_dict()))  # as it reads back from metrics.json
+    if ledger.get("config") and ledger["config"] != config:
+        key = _first_difference(ledger["config"], config)
+        raise RunError(f"{out} was trained with another config ({key} differs); "
+                       "resume with the same preset and --set flags, or choose another --out")
     ordered = [s for s in STAGES if s in stages]
-    for stage in ordered:
+    for stage in ordered:  # checked before anything is written
         need = _NEEDS.get(stage)
         if need and need not in ordered and not done(out, need):
             raise RunError(f"stage {stage!r} needs {need!r} first: add it to --stages or run it once")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ledger["config"] = config
+        _write_ledger(out, ledger)
+    dist.barrier()
     for stage in ordered:
         if done(out, stage):
             reporter.log(f"{stage}: already done, kept")
@@ -177,6 +180,14 @@ def run(cfg: RunConfig, out: Path, stages: list[str] | None = None, resume: bool
     if dist.is_main:
         write_card(out, ledger)
     return ledger
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+    return path or "config"
 
 
 def _run_stage(stage: str, cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool) -> dict[str, Any]:

@@ -195,18 +195,12 @@ def _run_stage(stage: str, cfg: RunConfig, out: Path, dist: Dist, reporter: Repo
         return _tokenizer_stage(cfg, out, dist, reporter)
     tok = load_tokenizer(out / "tokenizer")
     card = {"stage": stage, "preset": cfg.preset, "seed": cfg.seed}
-    if stage == "pretrain":
-        model, result = pretrain.run(cfg, out, dist, reporter, resume)
+    if stage in ("pretrain", "sft"):
+        module = pretrain if stage == "pretrain" else sft
+        model, result = module.run(cfg, out, dist, reporter, resume)
         extra = {}
-        if dist.is_main:
-            save_stage(model, tok, out / "base", card)
-            extra = evaluate(model, out, cfg, cfg.sft.eval_items)
-        return _loop_metrics(result, n_params(model), extra)
-    if stage == "sft":
-        model, result = sft.run(cfg, out, dist, reporter, resume)
-        extra = {}
-        if dist.is_main:
-            save_stage(model, tok, out / "sft", card)
+        if dist.is_main:  # other ranks hold the same weights; one writes and scores them
+            save_stage(model, tok, out / _FOLDER[stage], card)
             extra = evaluate(model, out, cfg, cfg.sft.eval_items)
         return _loop_metrics(result, n_params(model), extra)
     if stage == "rm":

@@ -1,6 +1,7 @@
 """Training benchmarks (issue: foundation). Prints figures, writes bench/results/train.json.
 
     python bench/train.py [--run runs/tiny] [--train] [--steps 30] [--eval-items 500]
+                          [--reward-variants checker,both]
 
 1. Wall time of the `tiny` pipeline (read from the run's metrics.json; `--train` runs it
    first into the given folder if it is missing).
@@ -8,14 +9,17 @@
    bare torch loop (forward, backward, AdamW) on the same model and batch shape. Goal >= 0.9.
 3. Held-out greedy chain-of-thought accuracy of the run's SFT and RLHF models on `arith`
    (re-scored here on --eval-items items, 95% Wilson interval), and the entropy drop from
-   SFT to RLHF.
+   SFT to RLHF; with --reward-variants, RL retrained from the same SFT and reward model
+   with the exact checker (or both) as reward, scored the same way.
 4. MFU of the `small` preset where a GPU is present (none on CPU-only machines: recorded as such).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +37,7 @@ from training._loop import Dist, StepOutput, train  # noqa: E402
 from training._model import new_model  # noqa: E402
 from training.config import OptimConfig, preset  # noqa: E402
 from training.pipeline import evaluate  # noqa: E402
+from training.pipeline import run as pipeline_run  # noqa: E402
 from training.progress import Reporter  # noqa: E402
 from training.rollouts import accuracy, rollouts  # noqa: E402
 from training.tokenizer import load_tokenizer  # noqa: E402
@@ -102,6 +107,8 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="train the run first if it is missing")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--eval-items", type=int, default=500)
+    ap.add_argument("--reward-variants", default="",
+                    help="comma-separated RL rewards (checker,both) to retrain from the run's SFT and score too")
     args = ap.parse_args()
     run = Path(args.run)
     if not (run / "metrics.json").exists():
@@ -110,7 +117,6 @@ def main() -> None:
         from assist.cli import main as cli
         if cli(["train", "--preset", "tiny", "--out", str(run), "--resume"]) != 0:
             sys.exit("bench/train.py: training failed")
-    import json
     ledger = json.loads((run / "metrics.json").read_text())
     stages = ledger["stages"]
     pipeline_s = sum(m.get("stage_wall_s", m.get("wall_s", 0)) for m in stages.values())
@@ -142,6 +148,26 @@ def main() -> None:
         acc[name] = {"arith_greedy_cot_accuracy": round(k / len(items), 4), "ci95": wilson(k, len(items)),
                      "n": len(items), "mean_token_entropy": div["mean_token_entropy"],
                      "ead_distinct_2": div["ead_distinct_2"]}
+    for variant in [v for v in args.reward_variants.split(",") if v]:
+        print(f"retraining RL with reward={variant} ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "run"
+            shutil.copytree(run, copy, ignore=shutil.ignore_patterns("rlhf", "data"))
+            ledger_copy = json.loads((copy / "metrics.json").read_text())
+            ledger_copy["stages"].pop("rl", None)
+            ledger_copy["config"]["rl"]["reward"] = variant
+            (copy / "metrics.json").write_text(json.dumps(ledger_copy))
+            vcfg = preset(ledger["config"]["preset"])
+            vcfg.rl.reward = variant
+            pipeline_run(vcfg, copy, ["rl"], resume=True, reporter=Reporter(enabled=False))
+            model = AutoModelForCausalLM.from_pretrained(copy / "rlhf", dtype=torch.float32).to(device)
+            groups = rollouts(model, tok, items, max_new_tokens=cfg.rl.max_new_tokens)
+            k = round(accuracy(arith, groups) * len(items))
+            div = evaluate(model, copy, cfg, 1)["diversity"]
+            acc[f"rlhf_reward_{variant}"] = {
+                "arith_greedy_cot_accuracy": round(k / len(items), 4), "ci95": wilson(k, len(items)),
+                "n": len(items), "mean_token_entropy": div["mean_token_entropy"],
+                "ead_distinct_2": div["ead_distinct_2"]}
     figures["heldout"] = acc
     figures["heldout_goal"] = "SFT greedy accuracy between 0.40 and 0.75"
     figures["entropy_drop_sft_to_rlhf"] = round(acc["sft"]["mean_token_entropy"] - acc["rlhf"]["mean_token_entropy"], 4)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Completion", "sample"]
+__all__ = ["Completion", "filter_logits", "sample"]
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Completion:
     entropies: list[float] = field(default_factory=list)  # of each step's distribution (nats)
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -92,7 +92,7 @@ def sample(
         if temperature <= 0.0:
             token = logits.argmax(dim=-1)
         else:
-            filtered = _filter(logits / temperature, top_k, top_p)
+            filtered = filter_logits(logits / temperature, top_k, top_p)
             token = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator)[:, 0]
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out_tokens.append(token)

@@ -138,16 +138,19 @@ def main() -> None:
     tok = load_tokenizer(run / "tokenizer")
     arith = ArithTask(cfg.arith)
     items = arith.split("test", args.eval_items)
-    acc = {}
-    for name in ("sft", "rlhf"):
-        print(f"scoring {name} on {len(items)} held-out arith items ...", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(run / name, dtype=torch.float32).to(device)
+    def score(folder: Path) -> dict:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
         groups = rollouts(model, tok, items, max_new_tokens=cfg.rl.max_new_tokens)
         k = round(accuracy(arith, groups) * len(items))
         div = evaluate(model, run, cfg, 1)["diversity"]
-        acc[name] = {"arith_greedy_cot_accuracy": round(k / len(items), 4), "ci95": wilson(k, len(items)),
-                     "n": len(items), "mean_token_entropy": div["mean_token_entropy"],
-                     "ead_distinct_2": div["ead_distinct_2"]}
+        return {"arith_greedy_cot_accuracy": round(k / len(items), 4), "ci95": wilson(k, len(items)),
+                "n": len(items), "mean_token_entropy": div["mean_token_entropy"],
+                "ead_distinct_2": div["ead_distinct_2"]}
+
+    acc = {}
+    for name in ("sft", "rlhf"):
+        print(f"scoring {name} on {len(items)} held-out arith items ...", flush=True)
+        acc[name] = score(run / name)
     for variant in [v for v in args.reward_variants.split(",") if v]:
         print(f"retraining RL with reward={variant} ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -160,14 +163,7 @@ def main() -> None:
             vcfg = preset(ledger["config"]["preset"])
             vcfg.rl.reward = variant
             pipeline_run(vcfg, copy, ["rl"], resume=True, reporter=Reporter(enabled=False))
-            model = AutoModelForCausalLM.from_pretrained(copy / "rlhf", dtype=torch.float32).to(device)
-            groups = rollouts(model, tok, items, max_new_tokens=cfg.rl.max_new_tokens)
-            k = round(accuracy(arith, groups) * len(items))
-            div = evaluate(model, copy, cfg, 1)["diversity"]
-            acc[f"rlhf_reward_{variant}"] = {
-                "arith_greedy_cot_accuracy": round(k / len(items), 4), "ci95": wilson(k, len(items)),
-                "n": len(items), "mean_token_entropy": div["mean_token_entropy"],
-                "ead_distinct_2": div["ead_distinct_2"]}
+            acc[f"rlhf_reward_{variant}"] = score(copy / "rlhf")
     figures["heldout"] = acc
     figures["heldout_goal"] = "SFT greedy accuracy between 0.40 and 0.75"
     figures["entropy_drop_sft_to_rlhf"] = round(acc["sft"]["mean_token_entropy"] - acc["rlhf"]["mean_token_entropy"], 4)

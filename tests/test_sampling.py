@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from assist._sampling import _filter, sample
+from assist._sampling import filter_logits, sample
 
 
 def _model(seed: int = 0) -> LlamaForCausalLM:
@@ -48,7 +48,7 @@ def test_seeded_sampling_is_reproducible_and_varies_across_seeds():
 
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
-    assert torch.isfinite(_filter(logits, 2, 1.0)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, 2, 1.0)).tolist() == [[True, True, False, False]]
     # softmax ~ [0.64, 0.24, 0.09, 0.03]: top_p=0.7 keeps the first two (the crossing token too).
-    assert torch.isfinite(_filter(logits, 0, 0.7)).tolist() == [[True, True, False, False]]
-    assert torch.isfinite(_filter(logits, 0, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, 0, 0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, 0, 0.5)).tolist() == [[True, False, False, False]]

@@ -103,7 +103,3 @@ class LlamaRunner:
         for k, v in zip(self.k, self.v, strict=True):
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
-
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Compaction: a finished sequence's slot takes the last active one's contents."""
-        self.copy_slot(src, dst, length)

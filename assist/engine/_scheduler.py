@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from assist._sampling import filter_logits
 from assist.engine._runner import LlamaRunner
 
 __all__ = ["EngineOverloaded", "SamplingParams", "Scheduler", "SeqOutput", "RequestOutput", "TokenLogprob"]
@@ -204,13 +205,11 @@ class Scheduler:
 
     def _accept(self, seq: _Seq, logits: torch.Tensor, g: torch.Generator | None) -> None:
         """Sample the next token from ``logits`` and record it; decide if the sequence ends."""
-        from assist._sampling import _filter
-
         p = seq.request.params
         if p.temperature <= 0:
             token = int(logits.argmax())
         else:
-            filtered = _filter((logits / p.temperature)[None], p.top_k, p.top_p)[0]
+            filtered = filter_logits((logits / p.temperature)[None], p.top_k, p.top_p)[0]
             token = int(torch.multinomial(torch.softmax(filtered, -1), 1, generator=g))
         out = seq.out
         out.token_ids.append(token)
@@ -247,7 +246,7 @@ class Scheduler:
                 continue
             last = len(self.active) - 1
             if i != last:
-                self.runner.move_slot(last, i, self.active[last].length)
+                self.runner.copy_slot(last, i, self.active[last].length)  # compact the batch
                 self.active[i] = self.active[last]
             self.active.pop()
             r = s.request

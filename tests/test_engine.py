@@ -135,3 +135,56 @@ def test_torch_engine_chat_on_a_trained_checkpoint(trained_run):
     assert result.usage.completion_tokens >= 3 and result.usage.prompt_tokens > 5
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
     assert greedy.choices[0].finish_reason in ("stop", "length")
+
+
+def test_prompt_logprobs_come_from_the_prefill_and_max_tokens_0_only_scores():
+    model = _model()
+    sched = _scheduler(model, slots=2)
+    ids = [5, 9, 13, 2, 40, 41]
+    try:
+        scored = sched.submit(ids, SamplingParams(max_tokens=0, prompt_logprobs=2)).result(timeout=60)
+        full = sched.submit([i % 60 + 1 for i in range(128)], SamplingParams(max_tokens=0, prompt_logprobs=0)).result(timeout=60)
+        both = sched.submit(ids, SamplingParams(max_tokens=3, prompt_logprobs=1)).result(timeout=60)
+    finally:
+        sched.close()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    assert scored.prompt_logprobs[0] is None and [o.token_ids for o in scored.outputs] == [[]]
+    assert scored.outputs[0].finish_reason == "length"
+    for t, entry in enumerate(scored.prompt_logprobs[1:]):
+        assert entry.token_id == ids[t + 1] and abs(entry.logprob - float(ref[t, ids[t + 1]])) < 1e-5
+        assert [i for i, _ in entry.top] == torch.topk(ref[t], 2).indices.tolist()
+    assert len(full.prompt_logprobs) == 128  # scoring may fill the whole context
+    assert len(both.outputs[0].token_ids) == 3 and len(both.prompt_logprobs) == len(ids)
+
+
+class _EvenThenStop:
+    """A toy constraint: even tokens only, and the sequence is complete after three."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def new(self) -> _EvenThenStop:
+        return _EvenThenStop()
+
+    def mask_(self, logits: torch.Tensor) -> None:
+        logits[1::2] = float("-inf")
+
+    def accept(self, token: int) -> bool:
+        self.seen += 1
+        return token % 2 == 0
+
+    def is_terminated(self) -> bool:
+        return self.seen >= 3
+
+
+def test_a_grammar_masks_every_sample_and_ends_the_sequence():
+    sched = _scheduler(_model())
+    try:
+        p = SamplingParams(max_tokens=20, temperature=1.0, n=3, seed=0, grammar=_EvenThenStop(), logprobs=True)
+        out = sched.submit([1, 2, 3], p).result(timeout=60)
+    finally:
+        sched.close()
+    for o in out.outputs:
+        assert len(o.token_ids) == 3 and all(t % 2 == 0 for t in o.token_ids) and o.finish_reason == "stop"
+        assert all(lp.logprob > float("-inf") for lp in o.logprobs)  # reported from the raw distribution

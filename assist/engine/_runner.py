@@ -23,6 +23,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stacked weights (and biases) of linears that read the same input."""
+    weight = torch.cat([m.weight for m in linears], 0)
+    biases = [m.bias for m in linears]
+    bias = torch.cat(biases, 0) if all(b is not None for b in biases) else None
+    return weight, bias
+
+
 class LlamaRunner:
     def __init__(self, model: torch.nn.Module, slots: int, max_len: int) -> None:
         cfg = model.config
@@ -52,15 +60,27 @@ class LlamaRunner:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * scale).to(self.dtype)
         self.sin = (emb.sin() * scale).to(self.dtype)
+        # One matmul for q, k and v, and one for gate and up: half the kernel launches per
+        # layer, which is what a decode step of a small model is made of.
+        self.qkv = [_fuse(a.q_proj, a.k_proj, a.v_proj) for a in (x.self_attn for x in model.model.layers)]
+        self.gate_up = [_fuse(x.mlp.gate_proj, x.mlp.up_proj) for x in model.model.layers]
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+        self.ffn = model.model.layers[0].mlp.gate_proj.out_features
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # skip two no-op casts per call on the CPU path
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot_start: int) -> torch.Tensor:
-        """Logits for the last token of each row.
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot_start: int, *,
+                all_positions: bool = False) -> torch.Tensor:
+        """Logits for the last token of each row (``[B, V]``), or for every token (``[B, T, V]``).
+
+        ``all_positions`` serves prompt logprobs: one prefill scores the whole prompt.
 
         ``tokens``/``positions``: ``[B, T]``; row ``b`` lives in slot ``slot_start + b`` and
         its tokens sit at consecutive ``positions`` (prefill: 0..T-1, decode: one each).
@@ -76,27 +96,50 @@ class LlamaRunner:
         # Key j is visible to the query at position p when j <= p.
         keys = torch.arange(end, device=self.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, end]
+        decode = t == 1
+        if decode:
+            # One new token per row: plain batched matmuls beat the fused SDPA kernel on
+            # q_len=1 (it is built for long queries), and an additive mask is reused by every layer.
+            bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, float("-inf"))
+            # Flat row index of (slot, kv head, position) in a cache viewed as [-1, head_dim]:
+            # one index_copy_ per tensor writes every row's new key (cheaper than scatter).
+            slots = torch.arange(slot_start, slot_start + bsz, device=self.device)
+            heads = torch.arange(self.n_kv, device=self.device)
+            flat = ((slots[:, None] * self.n_kv + heads[None, :]) * self.max_len + positions[:, :1]).reshape(-1)
+            scale = self.head_dim ** -0.5
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = self._norm(h, layer.input_layernorm.weight)
-            q = attn.q_proj(x).view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+            w, b = self.qkv[i]
+            q, k, v = F.linear(x, w, b).split((self.q_size, self.kv_size, self.kv_size), -1)
+            q = q.view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            index = positions[:, None, :, None].expand(bsz, self.n_kv, t, self.head_dim)
-            self.k[i][rows].scatter_(2, index, k)
-            self.v[i][rows].scatter_(2, index, v)
+            if decode:
+                self.k[i].view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
+                self.v[i].view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
+            else:
+                index = positions[:, None, :, None].expand(bsz, self.n_kv, t, self.head_dim)
+                self.k[i][rows].scatter_(2, index, k)
+                self.v[i][rows].scatter_(2, index, v)
             kk, vv = self.k[i][rows, :, :end], self.v[i][rows, :, :end]
             if self.n_kv != self.n_heads:
                 rep = self.n_heads // self.n_kv
                 kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
-            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            if decode:
+                scores = torch.matmul(q, kk.transpose(-1, -2)).mul_(scale).add_(bias)
+                out = torch.matmul(torch.softmax(scores, -1), vv)
+            else:
+                out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
             out = out.transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)
             h = h + attn.o_proj(out)
             x = self._norm(h, layer.post_attention_layernorm.weight)
-            h = h + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x))
-        h = self._norm(h[:, -1], m.norm.weight)
+            w, b = self.gate_up[i]
+            gate, up = F.linear(x, w, b).split((self.ffn, self.ffn), -1)
+            h = h + layer.mlp.down_proj(F.silu(gate) * up)
+        h = self._norm(h if all_positions else h[:, -1], m.norm.weight)
         return self.model.lm_head(h).float()
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:

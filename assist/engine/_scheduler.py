@@ -5,6 +5,11 @@ slots (one prefill per prompt, copied into ``n`` slots for ``n`` samples), then 
 token for every active sequence at once. A finished sequence frees its slot at once (the
 last active slot moves into the hole, keeping the batch contiguous), so a request that
 arrives while others decode starts on the next step instead of waiting for the batch.
+
+A request may carry a grammar (``SamplingParams.grammar``): each of its sequences gets its
+own constraint, which masks the logits before every sample, so the output is enforced
+rather than hoped for. Reported logprobs stay those of the raw model distribution (vLLM's
+default ``raw_logprobs``): a forced token shows how unlikely the model found it.
 """
 
 from __future__ import annotations
@@ -15,17 +20,46 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from assist._sampling import filter_logits
 from assist.engine._runner import LlamaRunner
+from assist.errors import BadRequest, ContextLengthExceeded, Overloaded
 
-__all__ = ["EngineOverloaded", "SamplingParams", "Scheduler", "SeqOutput", "RequestOutput", "TokenLogprob"]
+__all__ = [
+    "Constraint",
+    "ConstraintFactory",
+    "EngineOverloaded",
+    "RequestOutput",
+    "SamplingParams",
+    "Scheduler",
+    "SeqOutput",
+    "TokenLogprob",
+]
 
 
-class EngineOverloaded(RuntimeError):
-    """The waiting queue is full; retry later."""
+# Below this temperature sampling is greedy: dividing logits by ~0 overflows (vLLM's rule too).
+SAMPLING_EPS = 1e-5
+
+
+class EngineOverloaded(Overloaded):
+    """The waiting queue is full; retry later (HTTP 429 through :class:`assist.errors.Overloaded`)."""
+
+
+class Constraint(Protocol):
+    """One sequence's grammar state: masks logits in place, then follows the chosen token."""
+
+    def mask_(self, logits: torch.Tensor) -> None: ...
+    def accept(self, token: int) -> bool: ...
+    def is_terminated(self) -> bool: ...
+
+
+class ConstraintFactory(Protocol):
+    """A compiled grammar; ``new()`` starts a fresh constraint for one sequence."""
+
+    def new(self) -> Constraint: ...
 
 
 @dataclass(frozen=True)
@@ -40,6 +74,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: ConstraintFactory | None = None
+    prompt_logprobs: int | None = None  # None: not asked; k: each prompt token's logprob and top k
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; vLLM's field of the same name)
 
 
 @dataclass
@@ -56,6 +93,7 @@ class SeqOutput:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the request's, shared by its outputs
 
 
 @dataclass
@@ -64,6 +102,8 @@ class RequestOutput:
     outputs: list[SeqOutput]
     queued_s: float = 0.0
     total_s: float = 0.0
+    # One entry per prompt token; the first is None (nothing precedes it to predict it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -77,6 +117,7 @@ class _Request:
     outputs: list[SeqOutput] = field(default_factory=list)
     generators: list[torch.Generator | None] = field(default_factory=list)
     pending: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -85,6 +126,32 @@ class _Seq:
     out: SeqOutput
     length: int  # tokens in the cache
     next_token: int  # sampled, not yet fed
+    constraint: Constraint | None = None
+
+
+def _resolve(request: _Request) -> None:
+    """Hand the result over, unless the caller cancelled meanwhile (a race with its thread)."""
+    now = time.perf_counter()
+    result = RequestOutput(len(request.prompt), request.outputs, request.started - request.arrived,
+                           now - request.arrived, request.prompt_logprobs)
+    try:
+        request.future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _fail(future: concurrent.futures.Future[RequestOutput], exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    values, ids = torch.topk(logp, k)
+    return list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
 class Scheduler:
@@ -106,13 +173,18 @@ class Scheduler:
 
     # -- public ---------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams,
-               on_token: Callable[[int, SeqOutput], None] | None = None) -> concurrent.futures.Future[RequestOutput]:
+               on_token: Callable[[int, SeqOutput], None] | None = None,
+               ) -> concurrent.futures.Future[RequestOutput]:
+        """Queue a request. ``on_token`` runs on the engine thread after every sampled token."""
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise BadRequest("the prompt is empty", param="prompt")
         if params.n > self.runner.slots:
-            raise ValueError(f"n={params.n} exceeds the engine's {self.runner.slots} slots")
-        if len(prompt) >= self.runner.max_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.runner.max_len}")
+            raise BadRequest(f"n={params.n} exceeds the engine's {self.runner.slots} slots", param="n")
+        # Scoring a prompt (max_tokens=0) may fill the whole context; generating needs room.
+        limit = self.runner.max_len if params.max_tokens == 0 else self.runner.max_len - 1
+        if len(prompt) > limit:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(prompt)} tokens; the context holds {self.runner.max_len}")
         future: concurrent.futures.Future[RequestOutput] = concurrent.futures.Future()
         with self.cond:
             if self.closed:
@@ -155,8 +227,7 @@ class Scheduler:
                     self._decode()
             except Exception as exc:  # noqa: BLE001 - hand any failure to every caller in flight
                 for s in self.active:
-                    if not s.request.future.done():
-                        s.request.future.set_exception(exc)
+                    _fail(s.request.future, exc)
                 self.active.clear()
 
     def _admit(self) -> None:
@@ -168,80 +239,146 @@ class Scheduler:
                 if request.future.cancelled():
                     self.waiting.popleft()
                     continue
-                if len(self.active) + request.params.n > self.runner.slots:
+                # Scoring only (max_tokens=0) borrows one free slot for its prefill.
+                need = request.params.n if request.params.max_tokens > 0 else 1
+                if len(self.active) + need > self.runner.slots:
                     return
                 self.waiting.popleft()
-            request.started = time.perf_counter()
-            p = request.params
-            base = len(self.active)
-            positions = torch.arange(len(request.prompt), device=self.runner.device)[None]
-            logits = self.runner.forward(torch.tensor([request.prompt], device=self.runner.device), positions, base)
-            request.pending = p.n
-            for i in range(p.n):
-                slot = base + i
-                if i:
-                    self.runner.copy_slot(base, slot, len(request.prompt))
-                g = None
-                if p.temperature > 0:
-                    g = torch.Generator(device=self.runner.device)
-                    g.manual_seed(p.seed + i if p.seed is not None else torch.seed() % (1 << 62))
-                request.generators.append(g)
-                out = SeqOutput(index=i)
-                request.outputs.append(out)
-                seq = _Seq(request, out, len(request.prompt), -1)
-                self.active.append(seq)
-                self._accept(seq, logits[0], g)
+            try:
+                self._start(request)
+            except Exception as exc:  # noqa: BLE001 - this request alone failed (bad grammar state...)
+                self.active = [s for s in self.active if s.request is not request]
+                _fail(request.future, exc)
             self._sweep()
+
+    def _start(self, request: _Request) -> None:
+        """Prefill one request and sample the first token of each of its sequences."""
+        request.started = time.perf_counter()
+        p = request.params
+        base = len(self.active)
+        device = self.runner.device
+        tokens = torch.tensor([request.prompt], device=device)
+        positions = torch.arange(len(request.prompt), device=device)[None]
+        if p.prompt_logprobs is not None:
+            every = self.runner.forward(tokens, positions, base, all_positions=True)[0]
+            request.prompt_logprobs = self._prompt_logprobs(request.prompt, every, p.prompt_logprobs)
+            logits = every[-1:]
+        else:
+            logits = self.runner.forward(tokens, positions, base)
+        if p.max_tokens == 0:
+            request.outputs = [SeqOutput(i, finish_reason="length", prompt_logprobs=request.prompt_logprobs)
+                               for i in range(p.n)]
+            _resolve(request)
+            return
+        request.pending = p.n
+        for i in range(p.n):
+            slot = base + i
+            if i:
+                self.runner.copy_slot(base, slot, len(request.prompt))
+            g = None
+            if p.temperature >= SAMPLING_EPS:
+                g = torch.Generator(device=device)
+                g.manual_seed(p.seed + i if p.seed is not None else torch.seed() % (1 << 62))
+            request.generators.append(g)
+            out = SeqOutput(index=i, prompt_logprobs=request.prompt_logprobs)
+            request.outputs.append(out)
+            seq = _Seq(request, out, len(request.prompt), -1, p.grammar.new() if p.grammar else None)
+            self.active.append(seq)
+            self._accept(seq, logits[0], g)
+
+    @staticmethod
+    def _prompt_logprobs(prompt: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob | None]:
+        # Row t predicts token t + 1, so token 0 has no logprob.
+        logp = torch.log_softmax(logits[:-1], -1)
+        targets = torch.tensor(prompt[1:], device=logp.device)
+        chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()
+        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if k > 0:
+            values, ids = torch.topk(logp, k, dim=-1)
+            tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        out: list[TokenLogprob | None] = [None]
+        out += [TokenLogprob(t, v, top) for t, v, top in zip(prompt[1:], chosen, tops, strict=True)]
+        return out
 
     def _decode(self) -> None:
         tokens = torch.tensor([[s.next_token] for s in self.active], device=self.runner.device)
         positions = torch.tensor([[s.length] for s in self.active], device=self.runner.device)
         logits = self.runner.forward(tokens, positions, 0)
         self.steps += 1
-        for s, row in zip(list(self.active), logits, strict=True):
+        # Batch-wide work once per step rather than once per sequence: the greedy pick of every
+        # row, and the log-softmax when anyone asked for logprobs.
+        greedy = logits.argmax(-1).tolist()
+        logp = torch.log_softmax(logits, -1) if any(s.request.params.logprobs for s in self.active) else None
+        for i, s in enumerate(list(self.active)):
             s.length += 1
-            self._accept(s, row, s.request.generators[s.out.index])
+            try:
+                self._accept(s, logits[i], s.request.generators[s.out.index], greedy[i],
+                             None if logp is None else logp[i])
+            except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
+                s.out.finish_reason = "error"
+                _fail(s.request.future, exc)
         self._sweep()
 
-    def _accept(self, seq: _Seq, logits: torch.Tensor, g: torch.Generator | None) -> None:
-        """Sample the next token from ``logits`` and record it; decide if the sequence ends."""
+    def _accept(self, seq: _Seq, logits: torch.Tensor, g: torch.Generator | None,
+                greedy: int | None = None, logp: torch.Tensor | None = None) -> None:
+        """Sample the next token from ``logits`` and record it; decide if the sequence ends.
+
+        ``greedy``/``logp``: the row's argmax and log-softmax when the caller computed them
+        for the whole batch.
+        """
         p = seq.request.params
-        if p.temperature <= 0:
-            token = int(logits.argmax())
+        masked = logits
+        if seq.constraint is not None:
+            masked = logits.clone()  # the raw row stays intact for the reported logprobs
+            seq.constraint.mask_(masked)
+        if p.temperature < SAMPLING_EPS:
+            token = greedy if greedy is not None and seq.constraint is None else int(masked.argmax())
         else:
-            filtered = filter_logits((logits / p.temperature)[None], p.top_k, p.top_p)[0]
+            filtered = filter_logits((masked / p.temperature)[None], p.top_k, p.top_p)[0]
             token = int(torch.multinomial(torch.softmax(filtered, -1), 1, generator=g))
         out = seq.out
         out.token_ids.append(token)
         if p.logprobs:
-            logp = torch.log_softmax(logits, -1)
-            top = []
-            if p.top_logprobs:
-                values, ids = torch.topk(logp, p.top_logprobs)
-                top = list(zip(ids.tolist(), values.tolist(), strict=True))
-            out.logprobs.append(TokenLogprob(token, float(logp[token]), top))
+            row = torch.log_softmax(logits, -1) if logp is None else logp
+            out.logprobs.append(TokenLogprob(token, float(row[token]), _top(row, p.top_logprobs)))
         seq.next_token = token
-        stop_ids = self.eos_ids + p.stop_token_ids
+        stop_ids = (() if p.ignore_eos else self.eos_ids) + p.stop_token_ids
+        # A grammar ends the sequence once complete (its stop token accepted), and a token it
+        # rejects (impossible unless the mask was bypassed) ends it rather than break the form.
+        grammar_done = seq.constraint is not None and (
+            not seq.constraint.accept(token) or seq.constraint.is_terminated())
+        # Decoding the text costs more than the rest of a step; do it only for stop strings,
+        # for a listener (streaming), and once at the end.
+        live = bool(p.stop) or seq.request.on_token is not None
         if token in stop_ids:
             out.finish_reason = "stop"
             out.text = self.decode(out.token_ids[:-1])
         else:
-            out.text = self.decode(out.token_ids)
-            hit = min((i for i in (out.text.find(s) for s in p.stop) if i >= 0), default=-1)
-            if hit >= 0:
-                out.text = out.text[:hit]
-                out.finish_reason = "stop"
-            elif len(out.token_ids) >= p.max_tokens or seq.length + 1 >= self.runner.max_len:
-                out.finish_reason = "length"
+            if live:
+                out.text = self.decode(out.token_ids)
+                hit = min((i for i in (out.text.find(s) for s in p.stop) if i >= 0), default=-1)
+                if hit >= 0:
+                    out.text = out.text[:hit]
+                    out.finish_reason = "stop"
+            if out.finish_reason is None:
+                if grammar_done:
+                    out.finish_reason = "stop"
+                elif len(out.token_ids) >= p.max_tokens or seq.length + 1 >= self.runner.max_len:
+                    out.finish_reason = "length"
+                if out.finish_reason is not None and not live:
+                    out.text = self.decode(out.token_ids)
         if seq.request.on_token is not None:
-            seq.request.on_token(token, out)
+            try:
+                seq.request.on_token(token, out)
+            except Exception as exc:  # noqa: BLE001 - a broken listener fails its request only
+                _fail(seq.request.future, exc)
 
     def _sweep(self) -> None:
         """Release finished or cancelled sequences; compact the batch; resolve requests."""
         i = 0
         while i < len(self.active):
             s = self.active[i]
-            if s.out.finish_reason is None and not s.request.future.cancelled():
+            if s.out.finish_reason is None and not s.request.future.done():
                 i += 1
                 continue
             last = len(self.active) - 1
@@ -251,6 +388,5 @@ class Scheduler:
             self.active.pop()
             r = s.request
             r.pending -= 1
-            if r.pending == 0 and not r.future.done():
-                now = time.perf_counter()
-                r.future.set_result(RequestOutput(len(r.prompt), r.outputs, r.started - r.arrived, now - r.arrived))
+            if r.pending == 0:
+                _resolve(r)

@@ -3,24 +3,37 @@
 Loads any Llama-architecture Hugging Face folder (ours or another), renders chats with the
 checkpoint's own chat template, and serves requests through the continuous-batching
 scheduler. Tool calls in the output (Hermes ``<tool_call>`` blocks) come back as OpenAI
-``tool_calls``.
+``tool_calls``. Besides ``chat`` it offers what an OpenAI-compatible server needs:
+``stream_chat``, legacy ``complete``/``stream_complete`` (with prompt logprobs for
+loglikelihood scoring), ``tokenize``/``detokenize``; ``response_format`` and a forcing
+``tool_choice`` are enforced by a grammar (:mod:`assist.engine._grammar`).
+
+Arguments are checked here, before anything is queued, so a bad request is a
+:class:`assist.errors.BadRequest` naming its parameter and a full queue is
+:class:`assist.errors.Overloaded`. Cancelling a call (or closing a stream) cancels its
+generation, which frees its batch slots on the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from assist._chat_format import parse_tool_calls
 from assist._protocol import Messages
+from assist.engine import _stream
+from assist.engine._grammar import Grammar, GrammarCache, parse_calls, plan_tools
 from assist.engine._runner import LlamaRunner
 from assist.engine._scheduler import RequestOutput, SamplingParams, Scheduler
+from assist.engine._scheduler import TokenLogprob as SchedLogprob
+from assist.errors import BadRequest, ContextLengthExceeded
 from assist.types import (
     ChatCompletion,
     Choice,
@@ -34,6 +47,15 @@ from assist.types import (
 )
 
 __all__ = ["TorchEngine"]
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs (vLLM's default for legacy logprobs)
+
+
+def _content_text(content: Any) -> Any:
+    """OpenAI content parts ``[{"type": "text", "text": ...}]`` as the plain text they hold."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    return content
 
 
 class TorchEngine:
@@ -56,73 +78,240 @@ class TorchEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.name = name or path.name
         eos = self.model.generation_config.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [self.tokenizer.eos_token_id])
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [self.tokenizer.eos_token_id])
         self.runner = LlamaRunner(self.model, slots=max_batch,
                                   max_len=max_len or self.model.config.max_position_embeddings)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         # Keep tool-call markers in the text (they are special tokens); drop turn markers.
         drop = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|pad|>")}
-        drop |= set(eos_ids)
+        drop |= set(self.eos_ids)
         drop.discard(self.tokenizer.unk_token_id)
 
         def decode(ids: Sequence[int]) -> str:
             return self.tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
 
-        self.scheduler = Scheduler(self.runner, decode, eos_ids)
+        self.scheduler = Scheduler(self.runner, decode, self.eos_ids)
         self.context_length = self.runner.max_len
+        self._pieces: dict[int, str] = {}
 
-    # -- prompts ------------------------------------------------------------------------------
+    @cached_property
+    def grammars(self) -> GrammarCache:
+        """Built on first use, so a tokenizer xgrammar cannot read only fails constrained requests."""
+        return GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
+
+    # -- text <-> tokens --------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text, as a completion prompt is tokenized."""
+        return list(self.tokenizer.encode(text))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def piece(self, token_id: int) -> str:
+        """One token's text (what logprobs report it as)."""
+        if token_id not in self._pieces:
+            self._pieces[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._pieces[token_id]
+
     def encode(self, messages: Messages, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-        text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tools=list(tools) if tools else None,
-                                                  tokenize=False, add_generation_prompt=True)
+        """The chat prompt's ids: the checkpoint's template, ending with the assistant's turn."""
+        if not messages:
+            raise BadRequest("messages must not be empty", param="messages")
+        msgs = [{**m, "content": _content_text(m.get("content"))} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(msgs, tools=list(tools) if tools else None,
+                                                      tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template that cannot render these messages
+            raise BadRequest(f"cannot render the messages: {exc}", param="messages") from exc
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    # -- ChatModel ------------------------------------------------------------------------------
+    # -- checks ---------------------------------------------------------------------------------
+    def _check(self, *, n: int, temperature: float, top_p: float, max_tokens: int | None, seed: int | None,
+               top_logprobs: int, top_k: int, logprobs_param: str = "top_logprobs") -> None:
+        if seed is not None and not isinstance(seed, int):
+            raise BadRequest(f"seed must be an integer, not {seed!r}", param="seed")
+        if not isinstance(n, int) or n < 1:
+            raise BadRequest(f"n must be at least 1, not {n!r}", param="n")
+        if n > self.runner.slots:
+            raise BadRequest(f"n={n} exceeds this engine's {self.runner.slots} batch slots", param="n")
+        if temperature is None or temperature < 0:
+            raise BadRequest(f"temperature must be >= 0, not {temperature!r}", param="temperature")
+        if top_p is None or not 0 < top_p <= 1:
+            raise BadRequest(f"top_p must be in (0, 1], not {top_p!r}", param="top_p")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
+            raise BadRequest(f"max_tokens must be >= 0, not {max_tokens!r}", param="max_tokens")
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"{logprobs_param} must be in [0, {MAX_TOP_LOGPROBS}], not {top_logprobs}",
+                             param=logprobs_param)
+        if top_k is None or top_k < 0:
+            raise BadRequest(f"top_k must be >= 0, not {top_k!r}", param="top_k")
+
+    def _budget(self, prompt_len: int, max_tokens: int | None, what: str) -> int:
+        """``max_tokens``, or the rest of the context when None; refuses what cannot fit."""
+        limit = self.context_length
+        if max_tokens is None:
+            if prompt_len >= limit:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {limit} tokens. However, your {what} "
+                    f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
+                    param=what)
+            return limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                f"completion). Please reduce the length of the {what} or completion.", param=what)
+        return max_tokens
+
+    @staticmethod
+    def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) for s in stops):
+            raise BadRequest("stop must be a string or a list of strings", param="stop")
+        return tuple(s for s in stops if s)  # an empty stop string would cut every answer to ""
+
+    def _chat_request(
+        self, messages: Messages, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+        max_tokens: int | None = None, stop: str | Sequence[str] | None = None, seed: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None,
+        response_format: Mapping[str, Any] | None = None, logprobs: bool = False, top_logprobs: int = 0,
+        top_k: int = 0, ignore_eos: bool = False,
+    ) -> tuple[list[int], SamplingParams, bool]:
+        """(prompt ids, sampling params, whether to parse tool calls) for a chat request."""
+        self._check(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                    top_logprobs=top_logprobs or 0, top_k=top_k or 0)
+        plan = plan_tools(tools, tool_choice)
+        fmt = self.grammars.response_format(response_format) if response_format else None
+        forced = self.grammars.tool_calls(plan) if plan.forced else None
+        grammar: Grammar | None = forced or fmt  # a forced tool call is the whole answer
+        prompt = self.encode(messages, plan.prompt_tools)
+        params = SamplingParams(
+            max_tokens=self._budget(len(prompt), max_tokens, "messages"), temperature=temperature,
+            top_p=top_p, top_k=top_k or 0, seed=seed, n=n, stop=self._stops(stop),
+            logprobs=bool(logprobs or top_logprobs), top_logprobs=top_logprobs or 0, grammar=grammar,
+            ignore_eos=ignore_eos)
+        return prompt, params, plan.parse
+
+    def _completion_request(
+        self, prompt: str | Sequence[int], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+        max_tokens: int | None = 16, stop: str | Sequence[str] | None = None, seed: int | None = None,
+        echo: bool = False, logprobs: int | None = None, top_k: int = 0, ignore_eos: bool = False,
+    ) -> tuple[list[int], str, SamplingParams]:
+        """(prompt ids, prompt text, sampling params) for a legacy completion request."""
+        self._check(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                    top_logprobs=logprobs or 0, top_k=top_k or 0, logprobs_param="logprobs")
+        if isinstance(prompt, str):
+            ids, text = self.tokenize(prompt), prompt
+        else:
+            ids = list(prompt)
+            if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+                raise BadRequest(f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
+            text = self.detokenize(ids)
+        if not ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        want = logprobs is not None
+        params = SamplingParams(
+            max_tokens=self._budget(len(ids), max_tokens, "prompt"), temperature=temperature, top_p=top_p,
+            top_k=top_k or 0, seed=seed, n=n, stop=self._stops(stop), logprobs=want,
+            top_logprobs=logprobs or 0, prompt_logprobs=(logprobs or 0) if echo and want else None,
+            ignore_eos=ignore_eos)
+        return ids, text, params
+
+    # -- chat -----------------------------------------------------------------------------------
     async def chat(
         self, messages: Messages, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
         max_tokens: int | None = None, stop: str | Sequence[str] | None = None, seed: int | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None, response_format: Mapping[str, Any] | None = None,
-        logprobs: bool = False, top_logprobs: int = 0, top_k: int = 0,
+        tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None,
+        response_format: Mapping[str, Any] | None = None, logprobs: bool = False, top_logprobs: int = 0,
+        top_k: int = 0, ignore_eos: bool = False,
     ) -> ChatCompletion:
-        prompt = self.encode(messages, tools)
-        params = self.params(len(prompt), n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                             stop=stop, seed=seed, logprobs=logprobs, top_logprobs=top_logprobs, top_k=top_k)
+        prompt, params, parse = self._chat_request(
+            messages, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
+            tools=tools, tool_choice=tool_choice, response_format=response_format, logprobs=logprobs,
+            top_logprobs=top_logprobs, top_k=top_k, ignore_eos=ignore_eos)
+        # Cancelling this await cancels the scheduler's future (wrap_future chains it back).
         result = await asyncio.wrap_future(self.scheduler.submit(prompt, params))
-        return self.completion(result, tools=bool(tools))
+        return self.completion(result, tools=parse)
 
-    def params(self, prompt_len: int, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-               max_tokens: int | None = None, stop: str | Sequence[str] | None = None, seed: int | None = None,
-               logprobs: bool = False, top_logprobs: int = 0, top_k: int = 0) -> SamplingParams:
-        room = self.context_length - prompt_len
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return SamplingParams(max_tokens=min(max_tokens or room, room), temperature=temperature, top_p=top_p,
-                              top_k=top_k, seed=seed, n=n, stop=stops, logprobs=logprobs or top_logprobs > 0,
-                              top_logprobs=top_logprobs)
+    def stream_chat(
+        self, messages: Messages, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+        max_tokens: int | None = None, stop: str | Sequence[str] | None = None, seed: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None,
+        response_format: Mapping[str, Any] | None = None, logprobs: bool = False, top_logprobs: int = 0,
+        top_k: int = 0, ignore_eos: bool = False, include_usage: bool = False,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """``chat.completion.chunk`` dicts. Arguments are checked now; the request is queued on
+        the first ``__anext__`` (so a full queue raises there, before any chunk)."""
+        prompt, params, parse = self._chat_request(
+            messages, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
+            tools=tools, tool_choice=tool_choice, response_format=response_format, logprobs=logprobs,
+            top_logprobs=top_logprobs, top_k=top_k, ignore_eos=ignore_eos)
+        return _stream.chat_chunks(self, prompt, params, parse=parse, include_usage=include_usage)
 
     def completion(self, result: RequestOutput, *, tools: bool) -> ChatCompletion:
         choices = []
         completion_tokens = 0
         for out in result.outputs:
             completion_tokens += len(out.token_ids)
-            content, calls = parse_tool_calls(out.text) if tools else (out.text, [])
+            content, calls = parse_calls(out.text) if tools else (out.text, [])
             message = Message(role="assistant", content=content or (None if calls else ""))
             finish = out.finish_reason or "length"
             if calls:
-                message.tool_calls = [ToolCall(function=FunctionCall(name=c["name"], arguments=c["arguments"]))
-                                      for c in calls]
+                message.tool_calls = [
+                    ToolCall(function=FunctionCall(name=c["name"], arguments=c["arguments"])) for c in calls]
                 finish = "tool_calls"
-            lp = None
-            if out.logprobs:
-                tok = self.tokenizer
-                lp = ChoiceLogprobs(content=[
-                    TokenLogprob(token=tok.decode([t.token_id]), logprob=t.logprob,
-                                 bytes=list(tok.decode([t.token_id]).encode()),
-                                 top_logprobs=[TopLogprob(token=tok.decode([i]), logprob=v,
-                                                          bytes=list(tok.decode([i]).encode())) for i, v in t.top])
-                    for t in out.logprobs])
+            lp = ChoiceLogprobs(content=self.chat_logprobs(out.logprobs)) if out.logprobs else None
             choices.append(Choice(index=out.index, message=message, finish_reason=finish, logprobs=lp))
         usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=completion_tokens,
                       total_tokens=result.prompt_tokens + completion_tokens)
         return ChatCompletion(model=self.name, choices=choices, usage=usage, created=int(time.time()))
+
+    def chat_logprobs(self, entries: Sequence[SchedLogprob]) -> list[TokenLogprob]:
+        """OpenAI chat logprobs of sampled tokens (from the raw model distribution)."""
+        def top(i: int, v: float) -> TopLogprob:
+            return TopLogprob(token=self.piece(i), logprob=v, bytes=list(self.piece(i).encode()))
+
+        return [TokenLogprob(**top(t.token_id, t.logprob).model_dump(),
+                             top_logprobs=[top(i, v) for i, v in t.top]) for t in entries]
+
+    # -- legacy completions ---------------------------------------------------------------------
+    async def complete(
+        self, prompt: str | list[int], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+        max_tokens: int | None = 16, stop: str | Sequence[str] | None = None, seed: int | None = None,
+        echo: bool = False, logprobs: int | None = None, top_k: int = 0, ignore_eos: bool = False,
+    ) -> dict[str, Any]:
+        """An OpenAI ``text_completion`` object. ``echo`` prepends the prompt (with its logprobs
+        when ``logprobs`` is set, scored by the same prefill); ``max_tokens=0`` only scores."""
+        ids, text, params = self._completion_request(
+            prompt, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
+            echo=echo, logprobs=logprobs, top_k=top_k, ignore_eos=ignore_eos)
+        result = await asyncio.wrap_future(self.scheduler.submit(ids, params))
+        choices = []
+        for out in result.outputs:
+            lp = None
+            if logprobs is not None:
+                scored = result.prompt_logprobs if echo else None
+                lp = _stream.legacy_logprobs(self, scored, ids, out.logprobs, 0)
+            choices.append({"index": out.index, "text": (text if echo else "") + out.text, "logprobs": lp,
+                            "finish_reason": out.finish_reason or "length"})
+        used = sum(len(o.token_ids) for o in result.outputs)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name, "choices": choices,
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": used,
+                          "total_tokens": len(ids) + used}}
+
+    def stream_complete(
+        self, prompt: str | list[int], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+        max_tokens: int | None = 16, stop: str | Sequence[str] | None = None, seed: int | None = None,
+        echo: bool = False, logprobs: int | None = None, top_k: int = 0, ignore_eos: bool = False,
+        include_usage: bool = False,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """``text_completion`` chunks (checked now, queued on the first ``__anext__``)."""
+        ids, text, params = self._completion_request(
+            prompt, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
+            echo=echo, logprobs=logprobs, top_k=top_k, ignore_eos=ignore_eos)
+        return _stream.completion_chunks(self, ids, text if echo else None, params,
+                                         include_usage=include_usage)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -132,5 +321,3 @@ class TorchEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-

@@ -1,0 +1,57 @@
+"""Inference-time strategies built only on the ``ChatModel`` protocol.
+
+Each works unchanged against the torch engine, vLLM, a remote OpenAI-compatible server or
+``assist.testing.FakeChatModel``; each is chosen by a spec string (see :mod:`strategies._spec`)
+from Python (``strategies.parse("sc@8")``), over HTTP (model ``"sc@8::assistant"``) and in
+the eval CLI.
+"""
+
+from strategies import (  # noqa: F401  (importing a strategy module registers its spec)
+    best_of_n,
+    cot,
+    direct,
+    json_output,
+    plain,
+    reflect,
+    self_consistency,
+)
+from strategies._base import BudgetExhausted, Cost, Recorder, Result, Strategy, StrategyBase
+from strategies._extract import EXTRACTORS, Extractor
+from strategies._reward import RewardModel, Scorer
+from strategies._spec import REGISTRY, SpecError, parse, register
+from strategies.best_of_n import BestOfN
+from strategies.cot import ChainOfThought
+from strategies.direct import Direct
+from strategies.json_output import JsonOutput
+from strategies.plain import Plain
+from strategies.reflect import Reflect
+from strategies.self_consistency import SelfConsistency, vote
+
+# Listed by the endpoint's /v1/models as "<spec>::<model>" aliases.
+EXAMPLES = ("direct", "cot", "sc@8")
+
+__all__ = [
+    "EXAMPLES",
+    "EXTRACTORS",
+    "REGISTRY",
+    "BestOfN",
+    "BudgetExhausted",
+    "ChainOfThought",
+    "Cost",
+    "Direct",
+    "Extractor",
+    "JsonOutput",
+    "Plain",
+    "Recorder",
+    "Reflect",
+    "Result",
+    "RewardModel",
+    "Scorer",
+    "SelfConsistency",
+    "SpecError",
+    "Strategy",
+    "StrategyBase",
+    "parse",
+    "register",
+    "vote",
+]

@@ -16,7 +16,7 @@ from evals.tasks import (
     gsm8k_task,
     normalize,
 )
-from evals.tasks._extract import final_line
+from strategies._extract import final_line
 
 
 def test_arith_is_deterministic_and_splits_are_disjoint():

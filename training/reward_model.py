@@ -20,13 +20,11 @@ import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    PreTrainedTokenizerFast,
 )
 
-from assist._chat_format import REWARD
 from evals.tasks import ArithTask
+from strategies._reward import reward_scores
 from training._loop import Dist, LoopResult, StepOutput, train
-from training._model import pad_right
 from training.config import RunConfig
 from training.progress import Reporter
 from training.rollouts import rollouts
@@ -35,17 +33,6 @@ from training.tokenizer import load_tokenizer
 __all__ = ["reward_scores", "run"]
 
 Group = tuple[list[list[int]], list[float]]  # (sequences ending in <|reward|>, scorer values)
-
-
-def reward_scores(rm: torch.nn.Module, tok: PreTrainedTokenizerFast, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-    """The reward of each prompt+completion id list (``<|reward|>`` appended when missing)."""
-    readout = tok.convert_tokens_to_ids(REWARD)
-    rows = [list(s) if s and s[-1] == readout else [*s, readout] for s in sequences]
-    device = next(rm.parameters()).device
-    ids = pad_right(rows, tok.pad_token_id).to(device)
-    mask = pad_right([[1] * len(r) for r in rows], 0).to(device)
-    # Right padding: the classifier reads the last non-pad token, our readout token.
-    return rm(input_ids=ids, attention_mask=mask).logits[:, 0].float()
 
 
 def pairs(values: Sequence[float]) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from evals.tasks._base import Sample, Split, Task, check_split
-from evals.tasks._extract import final_line, gsm8k_flexible, gsm8k_strict
+from strategies._extract import final_line, gsm8k_flexible, gsm8k_strict
 
 __all__ = ["EXTRACTORS", "JsonlError", "JsonlTask", "gsm8k_task", "read_jsonl"]
 

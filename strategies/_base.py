@@ -1,0 +1,181 @@
+"""The strategy contract: ``await strategy.run(model, messages) -> Result``.
+
+Every strategy talks to the model through a :class:`Recorder`, which sums usage over all
+underlying calls (tokens, calls, wall time), keeps the trace of what was asked and
+answered, and enforces a per-request token budget. So a strategy cannot forget to account
+for a call, and the endpoint and the eval harness report the same totals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from assist._protocol import ChatModel, Messages
+from assist.types import ChatCompletion, Message, Usage
+
+__all__ = ["BudgetExhausted", "Cost", "Recorder", "Result", "Strategy", "StrategyBase"]
+
+
+class BudgetExhausted(Exception):
+    """The request's token budget is spent; the strategy answers with what it has."""
+
+
+@dataclass
+class Cost:
+    """What a strategy spent: tokens over every underlying call, the calls, and wall time."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    latency_s: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, usage: Usage) -> None:
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.calls += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens, "calls": self.calls, "latency_s": round(self.latency_s, 4)}
+
+
+@dataclass
+class Result:
+    """A strategy's answer: the final message, its extracted answer, cost, and trace."""
+
+    message: Message
+    answer: str | None = None
+    usage: Cost = field(default_factory=Cost)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    budget_exhausted: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.message.content or ""
+
+    @property
+    def calls(self) -> int:
+        return self.usage.calls
+
+
+class Recorder:
+    """A ChatModel wrapper that accounts every call a strategy makes.
+
+    ``budget`` caps the tokens (prompt + completion) all calls together may spend: a call
+    is refused once the budget is spent, and a call's ``max_tokens`` is lowered to what is
+    left (a call without ``max_tokens`` keeps the model's own limit, so the last call may
+    overshoot the budget by its length).
+    """
+
+    def __init__(self, model: ChatModel, budget: int | None = None) -> None:
+        self.model = model
+        self.budget = budget
+        self.cost = Cost()
+        self.trace: list[dict[str, Any]] = []
+        self.exhausted = False
+        self._lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def supports_n(self) -> bool:
+        return self.model.supports_n
+
+    @property
+    def left(self) -> int | None:
+        return None if self.budget is None else self.budget - self.cost.total_tokens
+
+    async def chat(self, messages: Messages, **kwargs: Any) -> ChatCompletion:
+        left = self.left
+        if left is not None:
+            if left <= 0:
+                self.exhausted = True
+                raise BudgetExhausted(f"token budget of {self.budget} spent")
+            cap = kwargs.get("max_tokens")
+            if cap is not None:  # an uncapped call would meet the model's context limit instead
+                kwargs["max_tokens"] = min(cap, left)
+        t0 = time.perf_counter()
+        completion = await self.model.chat(messages, **kwargs)
+        self.cost.add(completion.usage)
+        self.cost.latency_s += time.perf_counter() - t0
+        self.trace.append({"step": "call", "n": kwargs.get("n", 1), "temperature": kwargs.get("temperature"),
+                           "usage": completion.usage.model_dump(),
+                           "texts": completion.texts()})
+        return completion
+
+    def note(self, **entry: Any) -> None:
+        """Add a strategy-level step (votes, critiques, tool results) to the trace."""
+        self.trace.append(entry)
+
+    def result(self, message: Message, answer: str | None) -> Result:
+        return Result(message=message, answer=answer, usage=self.cost, trace=self.trace,
+                      budget_exhausted=self.exhausted)
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """One object, three front doors: Python, the HTTP endpoint and the eval harness."""
+
+    spec: str
+
+    async def run(self, model: ChatModel, messages: Messages) -> Result: ...
+
+
+class StrategyBase:
+    """Shared plumbing: wall time, the budget, and a sync convenience.
+
+    Subclasses implement :meth:`solve` against a :class:`Recorder`; ``run`` wraps it.
+    """
+
+    spec: str = ""
+    budget: int | None = None
+
+    async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
+        raise NotImplementedError
+
+    async def run(self, model: ChatModel, messages: Messages | str) -> Result:
+        recorder = model if isinstance(model, Recorder) else Recorder(model, self.budget)
+        t0 = time.perf_counter()
+        start = recorder.cost.latency_s
+        result = await self.solve(recorder, as_messages(messages))
+        if recorder is not model:  # the outermost strategy reports its own wall time
+            result.usage.latency_s = time.perf_counter() - t0
+        else:
+            result.usage.latency_s = max(result.usage.latency_s, start)
+        return result
+
+    def run_sync(self, model: ChatModel, messages: Messages | str) -> Result:
+        """``asyncio.run(self.run(...))`` for scripts and notebooks without a loop."""
+        return asyncio.run(self.run(model, messages))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
+def as_messages(messages: Messages | str) -> list[dict[str, Any]]:
+    """A bare string is one user turn."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    return [dict(m) for m in messages]
+
+
+def with_suffix(messages: Sequence[Mapping[str, Any]], suffix: str) -> list[dict[str, Any]]:
+    """The chat with ``suffix`` appended to the last user turn (how cot/direct instruct)."""
+    out = [dict(m) for m in messages]
+    for m in reversed(out):
+        if m.get("role") == "user":
+            content = str(m.get("content") or "")
+            if not content.rstrip().endswith(suffix):
+                m["content"] = f"{content.rstrip()} {suffix}".strip()
+            break
+    return out

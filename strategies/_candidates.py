@@ -1,0 +1,34 @@
+"""Drawing k candidates: the shared first step of self-consistency and best-of-N."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from assist._protocol import ChatModel, Messages
+from assist.types import Choice
+
+__all__ = ["diversify", "sample_choices"]
+
+
+async def sample_choices(model: ChatModel, prompt: Messages, k: int, *, seed: int | None = None,
+                         **kwargs: Any) -> list[Choice]:
+    """k sampled replies: one ``n=k`` call where the backend honours ``n`` (the prompt is
+    prefilled once), otherwise k concurrent calls with seeds ``seed, seed+1, ...``."""
+    if model.supports_n:
+        return list((await model.chat(prompt, n=k, seed=seed, **kwargs)).choices)
+    seeds = [None if seed is None else seed + i for i in range(k)]
+    done = await asyncio.gather(*(model.chat(prompt, n=1, seed=s, **kwargs) for s in seeds))
+    return [c.choices[0] for c in done]
+
+
+def diversify(inner: Any, temperature: float) -> Any:
+    """The inner strategy sampling at ``temperature`` (attempts of a greedy inner strategy
+    would all be the same), keeping its spec."""
+    if inner is None or not dataclasses.is_dataclass(inner) or not hasattr(inner, "temperature"):
+        return inner
+    spec = inner.spec
+    out = dataclasses.replace(inner, temperature=temperature)
+    out.spec = spec
+    return out

@@ -1,0 +1,44 @@
+"""One call with an instruction appended: the shared body of ``direct`` and ``cot``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from strategies._base import Recorder, Result, StrategyBase, with_suffix
+from strategies._extract import EXTRACTORS, Extractor
+
+__all__ = ["Prompted", "resolve_extractor"]
+
+
+def resolve_extractor(extractor: str | Extractor) -> Extractor:
+    if callable(extractor):
+        return extractor
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"unknown extractor {extractor!r} (known: {', '.join(EXTRACTORS)})")
+    return EXTRACTORS[extractor]
+
+
+@dataclass(repr=False)
+class Prompted(StrategyBase):
+    """Greedy by default, and says so: servers differ in their default temperature."""
+
+    suffix: str = ""
+    temperature: float = 0.0
+    max_tokens: int | None = None
+    extractor: str | Extractor = "default"
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        self.extract = resolve_extractor(self.extractor)
+
+    def request(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return with_suffix(messages, self.suffix) if self.suffix else messages
+
+    async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
+        completion = await model.chat(self.request(messages), temperature=self.temperature,
+                                      max_tokens=self.max_tokens)
+        message = completion.choices[0].message
+        return model.result(message, self.extract(message.content or ""))

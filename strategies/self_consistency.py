@@ -1,0 +1,116 @@
+"""``sc@k``: self-consistency — sample k reasoning paths and take the majority answer.
+
+One call with ``n=k`` where the backend supports it (the prompt is prefilled once and
+shared), otherwise k concurrent calls. Over an inner strategy (``sc@8(tools)``) the k
+attempts are k runs of that strategy at this temperature.
+
+Tie rule (deterministic, documented): among answers with the same vote, the one that
+appeared first in sample order wins. Samples without a parsable answer do not vote.
+With ``weighted=true`` each vote counts ``exp(mean token logprob)`` of its sample instead
+of 1. With ``early_stop=true`` samples are drawn in rounds of ``step`` and sampling stops
+once the leader can no longer be overtaken by the votes still to come (adaptive
+consistency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from assist._prompts import COT_SUFFIX
+from assist.types import Choice, Message
+from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase, with_suffix
+from strategies._candidates import diversify, sample_choices
+from strategies._extract import Extractor
+from strategies._prompted import resolve_extractor
+from strategies._spec import register
+
+__all__ = ["SelfConsistency", "vote"]
+
+
+def vote(answers: list[str | None], weights: list[float] | None = None) -> tuple[str | None, dict[str, float]]:
+    """(winner, tally); ties go to the answer seen first. ``None`` answers do not vote."""
+    tally: dict[str, float] = {}
+    for i, answer in enumerate(answers):
+        if answer is not None:
+            tally[answer] = tally.get(answer, 0.0) + (weights[i] if weights else 1.0)
+    if not tally:
+        return None, tally
+    best = max(tally.values())
+    winner = next(a for a in tally if tally[a] == best)  # dicts keep first-seen order
+    return winner, tally
+
+
+def _confidence(choice: Choice) -> float:
+    tokens = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
+    if not tokens:
+        return 1.0
+    return math.exp(sum(t.logprob for t in tokens) / len(tokens))
+
+
+@register("sc")
+@dataclass(repr=False)
+class SelfConsistency(StrategyBase):
+    k: int = 8
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    extractor: str | Extractor = "default"
+    weighted: bool = False
+    early_stop: bool = False
+    step: int = 0  # round size with early_stop (0: k // 4, at least 2)
+    seed: int | None = None
+    inner: Any = None
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, not {self.k}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        self.extract = resolve_extractor(self.extractor)
+        self.inner = diversify(self.inner, self.temperature)
+
+    async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
+        messages_out: list[Message] = []
+        answers: list[str | None] = []
+        weights: list[float] = []
+        step = self.k if not self.early_stop else max(2, self.step or self.k // 4)
+        stopped_early = False
+        try:
+            while len(answers) < self.k:
+                size = min(step, self.k - len(answers))
+                batch = await self._sample(model, messages, size, offset=len(answers))
+                for message, answer, weight in batch:
+                    messages_out.append(message)
+                    answers.append(answer)
+                    weights.append(weight)
+                if self.early_stop and len(answers) < self.k and self._decided(answers):
+                    stopped_early = True
+                    break
+        except BudgetExhausted:
+            pass
+        winner, tally = vote(answers, weights if self.weighted else None)
+        model.note(step="vote", answers=answers, tally=tally, winner=winner, samples=len(answers),
+                   early_stop=stopped_early)
+        if not messages_out:
+            return model.result(Message(role="assistant", content=""), None)
+        chosen = next((m for m, a in zip(messages_out, answers, strict=True) if a == winner), messages_out[0])
+        return model.result(chosen, winner)
+
+    def _decided(self, answers: list[str | None]) -> bool:
+        counts = sorted(vote(answers)[1].values(), reverse=True) + [0.0, 0.0]
+        return counts[0] > counts[1] + (self.k - len(answers))
+
+    async def _sample(self, model: Recorder, messages: list[dict[str, Any]], size: int,
+                      offset: int) -> list[tuple[Message, str | None, float]]:
+        if self.inner is not None:
+            results = await asyncio.gather(*(self.inner.run(model, messages) for _ in range(size)))
+            return [(r.message, r.answer, 1.0) for r in results]
+        choices = await sample_choices(model, with_suffix(messages, COT_SUFFIX), size,
+                                       seed=None if self.seed is None else self.seed + offset,
+                                       temperature=self.temperature, top_p=self.top_p,
+                                       max_tokens=self.max_tokens, logprobs=self.weighted)
+        return [(c.message, self.extract(c.message.content or ""), _confidence(c)) for c in choices]

@@ -1,4 +1,4 @@
-"""The ``assist`` command: ``assist train`` (more verbs join as they are built).
+"""The ``assist`` command: ``assist train`` and ``assist serve``.
 
 User mistakes (a bad flag, a missing file, a run that exists) end in one clear line on
 stderr and exit status 2; they never print a traceback.
@@ -60,6 +60,21 @@ def _print_summary(reporter: object, ledger: dict, out: Path) -> None:
     Console().print(table)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from assist.errors import AssistError
+    from assist.server import serve
+    from assist.server._launch import config_from_args
+
+    try:
+        serve(config_from_args(args))
+    except AssistError as exc:  # a bad flag, an unreachable upstream, a vLLM that would not start
+        print(f"assist serve: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="assist", description="Train, serve and evaluate a small GPT assistant.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -72,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. --set pretrain.steps=400 (repeatable)")
     t.set_defaults(func=_train)
+
+    from assist.server._launch import add_serve_flags
+
+    s = sub.add_parser("serve", help="serve a checkpoint or proxy a server behind an OpenAI-compatible API")
+    add_serve_flags(s)
+    s.set_defaults(func=_serve)
     return parser
 
 

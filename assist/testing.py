@@ -8,14 +8,17 @@ way a real server would (whitespace tokens), and honours ``n``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from assist._protocol import Messages
 from assist.types import ChatCompletion, Choice, FunctionCall, Message, ToolCall, Usage
 
-__all__ = ["FakeChatModel", "Reply", "tool_reply"]
+__all__ = ["FakeChatModel", "Reply", "running_server", "tool_reply"]
 
 Reply = str | Message  # a text reply, or a full message (tool calls, say)
 
@@ -70,3 +73,25 @@ class FakeChatModel:
         reply = self.replies[min(self._next, len(self.replies) - 1)]
         self._next += 1
         return reply
+
+
+@contextmanager
+def running_server(app: Any, host: str = "127.0.0.1", timeout: float = 30.0) -> Iterator[str]:
+    """Serve an ASGI app (e.g. ``assist.server.create_app(...)``) on a free port in a
+    background thread; yields its base URL (``http://host:port``) and stops it after."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="assist-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)

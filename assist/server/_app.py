@@ -1,0 +1,201 @@
+"""The FastAPI application: thin routes over :class:`Serving`, errors in OpenAI's shape.
+
+Nothing here is global: ``create_app`` takes the backend (engine injected), so tests and
+users can serve a fake, an engine or an upstream from the same code.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from assist.errors import AssistError, Unauthorized
+from assist.server._backend import Backend
+from assist.server._metrics import Metrics
+from assist.server._protocol import ChatRequest, CompletionRequest, TokenizeRequest
+from assist.server._serving import ClientGone, Serving, StrategyResolver
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("assist.server")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/health", "/metrics"})
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Edge:
+    """Pure ASGI middleware (it must not get between a route and the disconnect event):
+    records status and latency for ``/metrics``, and answers 413 for bodies over ``limit``
+    bytes before any route parses them. The body is read here (bounded) and replayed, so
+    chunked uploads without a Content-Length are caught as well.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._limited(scope, receive, observed)
+        finally:
+            path = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label set
+            self.metrics.observe(path, status, time.perf_counter() - t0)
+
+    async def _limited(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = declared is not None and declared.isdigit() and int(declared) > self.limit
+        chunks: list[bytes] = []
+        size = 0
+        more = not too_big
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left while uploading
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            too_big = size > self.limit
+            if too_big:
+                break
+        if too_big:
+            response = _error(413, f"request body exceeds {self.limit} bytes", "invalid_request_error",
+                              code="request_too_large")
+            await response(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+
+def create_app(
+    backend: Backend, *, names: Sequence[str] = ("assistant",), api_key: str | None = None,
+    max_body_bytes: int = 4 << 20, max_in_flight: int = 256, resolver: StrategyResolver | None = None,
+    strategy_aliases: Sequence[str] = (), owns_backend: bool = True,
+) -> FastAPI:
+    """An OpenAI-compatible app over ``backend``; closed at shutdown if ``owns_backend``."""
+    serving = Serving(backend, names=names, max_in_flight=max_in_flight, resolver=resolver,
+                      strategy_aliases=strategy_aliases)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_backend:
+            await backend.aclose()
+
+    app = FastAPI(title="assist", version="0.1.0", lifespan=lifespan)
+    app.state.serving = serving
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
+
+    guard = [Depends(authorize)]
+
+    app.add_middleware(Edge, limit=max_body_bytes, metrics=serving.metrics)
+
+    @app.exception_handler(AssistError)
+    async def _assist_error(request: Request, exc: AssistError) -> JSONResponse:
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if hasattr(exc, "retry_after") else None
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return _error(400, f"{param}: {message}" if param else message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    def _respond(result: dict[str, Any] | AsyncIterator[bytes]) -> Response:
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions", dependencies=guard)
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        return _respond(await serving.chat(body, request))
+
+    @app.post("/v1/completions", dependencies=guard)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return _respond(await serving.complete(body, request))
+
+    @app.get("/v1/models", dependencies=guard)
+    async def models() -> dict[str, Any]:
+        return serving.models()
+
+    @app.post("/tokenize", dependencies=guard)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        serving.route(body.model, None)
+        return await backend.tokenize(body)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "in_flight": serving.metrics.in_flight, **backend.gauges()}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        gauges = {"requests_in_flight_limit": float(max_in_flight), **backend.gauges()}
+        return PlainTextResponse(serving.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,4 +1,4 @@
-"""The ``assist`` command: ``assist train`` and ``assist serve``.
+"""The ``assist`` command: ``assist train``, ``assist serve`` and ``assist index``.
 
 User mistakes (a bad flag, a missing file, a run that exists) end in one clear line on
 stderr and exit status 2; they never print a traceback.
@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a checkpoint or proxy a server behind an OpenAI-compatible API")
     add_serve_flags(s)
     s.set_defaults(func=_serve)
+
+    from assist._index_cli import add_index_parser
+
+    add_index_parser(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ from strategies import (  # noqa: F401  (importing a strategy module registers i
     direct,
     json_output,
     plain,
+    rag,
     reflect,
     self_consistency,
 )
@@ -19,11 +20,13 @@ from strategies._base import BudgetExhausted, Cost, Recorder, Result, Strategy, 
 from strategies._extract import EXTRACTORS, Extractor
 from strategies._reward import RewardModel, Scorer
 from strategies._spec import REGISTRY, SpecError, parse, register
+from strategies._store import DocumentStore
 from strategies.best_of_n import BestOfN
 from strategies.cot import ChainOfThought
 from strategies.direct import Direct
 from strategies.json_output import JsonOutput
 from strategies.plain import Plain
+from strategies.rag import Retrieve, citation_report
 from strategies.reflect import Reflect
 from strategies.self_consistency import SelfConsistency, vote
 
@@ -39,18 +42,21 @@ __all__ = [
     "ChainOfThought",
     "Cost",
     "Direct",
+    "DocumentStore",
     "Extractor",
     "JsonOutput",
     "Plain",
     "Recorder",
     "Reflect",
     "Result",
+    "Retrieve",
     "RewardModel",
     "Scorer",
     "SelfConsistency",
     "SpecError",
     "Strategy",
     "StrategyBase",
+    "citation_report",
     "parse",
     "register",
     "vote",

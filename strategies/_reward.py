@@ -12,11 +12,12 @@ import asyncio
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from assist._chat_format import IM_END, REWARD
+
+if TYPE_CHECKING:  # torch loads with the first reward model, not with `import strategies`
+    import torch
 
 __all__ = ["RewardModel", "Scorer", "reward_scores"]
 
@@ -29,6 +30,8 @@ class Scorer(Protocol):
 
 def reward_scores(rm: torch.nn.Module, tok: Any, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
     """The reward of each prompt+completion id list (``<|reward|>`` appended when missing)."""
+    import torch
+
     readout = tok.convert_tokens_to_ids(REWARD)
     rows = [list(s) if s and s[-1] == readout else [*s, readout] for s in sequences]
     device = next(rm.parameters()).device
@@ -47,6 +50,7 @@ class RewardModel:
     """
 
     def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 32) -> None:
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
@@ -69,6 +73,8 @@ class RewardModel:
 
     def score_sync(self, messages: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> list[float]:
         seqs = self.sequences(messages, candidates)
+        import torch
+
         out: list[float] = []
         with self._lock, torch.no_grad():
             for i in range(0, len(seqs), self.batch_size):

@@ -1,0 +1,188 @@
+"""``rag@k``: retrieval augmentation — search a document store, answer from the passages.
+
+The last user turn is the query. The ``k`` passages found go into a system message built
+by :func:`assist._prompts.render_passages`, ahead of the conversation: exactly the shape
+of the SFT ``facts_rag`` turns (``training.conversations``), so the small assistant reads
+them the way it was trained to and cites ``[kb-N]``. One greedy call answers, or an inner
+strategy does (``rag(cot)``); ``reflect(rag)`` and ``sc@8(rag)`` compose from outside.
+
+Citations are checked, not trusted: every bracketed id in the answer is either among the
+retrieved passages (valid) or not (invalid: made up, or remembered from training). Both
+lists go into the trace (``step="citations"``), next to what was retrieved
+(``step="retrieve"``), so the eval harness can count hallucinated citations;
+:func:`citation_report` reads them back off a Result.
+
+The store: ``store=PATH`` (default ``$ASSIST_RAG_STORE``), a :class:`DocumentStore`, or
+from Python any ``search(query, k)`` callable, sync or async, returning passages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from assist._prompts import Passage, render_passages
+from assist.types import Message
+from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase
+from strategies._extract import Extractor
+from strategies._prompted import resolve_extractor
+from strategies._spec import register
+from strategies._store import MODES, DocumentStore
+
+__all__ = ["STORE_ENV", "Retrieve", "check_citations", "citation_report", "citations",
+           "with_passages"]
+
+STORE_ENV = "ASSIST_RAG_STORE"
+SearchFn = Callable[[str, int], Any]  # returns (or resolves to) a sequence of passages
+
+# A bracketed id, or several separated by commas ("[kb-3, kb-9]"). Ids hold no spaces;
+# a markdown link "[text](url)" is not a citation.
+_CITATION = re.compile(r"\[([^\[\]\s,;]+(?:\s*[,;]\s*[^\[\]\s,;]+)*)\](?!\()")
+
+
+def citations(text: str) -> list[str]:
+    """The ids cited in ``text``, in order of first mention."""
+    found = [part for m in _CITATION.finditer(text) for part in re.split(r"\s*[,;]\s*", m.group(1))]
+    return list(dict.fromkeys(found))
+
+
+def check_citations(text: str, retrieved: Sequence[str]) -> dict[str, list[str]]:
+    """``cited``, and of those the ``valid`` (retrieved) and ``invalid`` (not) ones."""
+    cited = citations(text)
+    known = set(retrieved)
+    return {"cited": cited, "valid": [c for c in cited if c in known],
+            "invalid": [c for c in cited if c not in known]}
+
+
+def citation_report(result: Result) -> dict[str, list[str]] | None:
+    """The last citation check in a result's trace (None when no ``rag`` ran)."""
+    for entry in reversed(result.trace):
+        if entry.get("step") == "citations":
+            return {key: list(entry[key]) for key in ("cited", "valid", "invalid")}
+    return None
+
+
+def with_passages(messages: Sequence[Mapping[str, Any]], passages: Sequence[Passage]
+                  ) -> list[dict[str, Any]]:
+    """The conversation behind the SFT-format passages system message.
+
+    A system message of the caller's own is kept, after the passages in the same message
+    (chat templates want one system turn, first); without one the result is byte-for-byte
+    the trained format.
+    """
+    out = [dict(m) for m in messages]
+    system = render_passages(passages)
+    if out and out[0].get("role") == "system":
+        system = f"{system}\n\n{_text(out.pop(0).get('content'))}"
+    return [{"role": "system", "content": system}, *out]
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # OpenAI content parts: the text parts, in order
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return str(content or "")
+
+
+def _as_passage(item: Any) -> Passage:
+    if isinstance(item, Passage):
+        return item
+    if isinstance(item, tuple | list) and 2 <= len(item) <= 3:
+        return Passage(str(item[0]), str(item[1]), float(item[2]) if len(item) == 3 else 0.0)
+    if hasattr(item, "id") and hasattr(item, "text"):  # a store Chunk, or alike
+        return Passage(str(item.id), str(item.text), float(getattr(item, "score", 0.0)))
+    raise TypeError(f"rag: search returned {item!r}, not a passage")
+
+
+@register("rag")
+@dataclass(repr=False)
+class Retrieve(StrategyBase):
+    """Greedy by default. ``store`` may be a path, a DocumentStore, or None (then
+    ``search``, else ``$ASSIST_RAG_STORE``)."""
+
+    k: int = 3  # what SFT showed: the right passage among two distractors
+    store: str | Path | DocumentStore | None = None
+    search: SearchFn | None = None
+    mode: str = "hybrid"
+    temperature: float = 0.0
+    max_tokens: int | None = None
+    extractor: str | Extractor = "default"
+    inner: Any = None
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, not {self.k}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r} (known: {', '.join(MODES)})")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        self.extract = resolve_extractor(self.extractor)
+        if isinstance(self.store, int | float):  # the spec parser reads "store=2024" as a number
+            self.store = str(self.store)
+        if self.store is None and self.search is None and os.environ.get(STORE_ENV):
+            self.store = os.environ[STORE_ENV]
+        if isinstance(self.store, str | Path) and not Path(self.store).is_file():
+            # Fail at parse time, naming the path: a typo must not become empty retrieval.
+            raise ValueError(f"rag: no document store at {self.store} "
+                             "(build one with `assist index add`)")
+        self._opened: DocumentStore | None = None
+
+    def _searcher(self) -> SearchFn:
+        if self.search is not None:
+            return self.search
+        if isinstance(self.store, DocumentStore):
+            store = self.store
+        elif self.store is not None:
+            if self._opened is None:  # opened on first use, then kept for every request
+                self._opened = DocumentStore(self.store, create=False)
+            store = self._opened
+        else:
+            raise ValueError(f"rag: no document store; pass store=PATH or set ${STORE_ENV}")
+        mode = self.mode
+        return lambda query, k: store.search(query, k=k, mode=mode)
+
+    async def retrieve(self, query: str) -> list[Passage]:
+        search = self._searcher()
+        if inspect.iscoroutinefunction(search):
+            found = await search(query, self.k)
+        else:  # a store search may load a model or scan a matrix: keep the event loop free
+            found = await asyncio.to_thread(search, query, self.k)
+            if inspect.isawaitable(found):
+                found = await found
+        return [_as_passage(p) for p in list(found)[: self.k]]
+
+    async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
+        query = next((_text(m.get("content")) for m in reversed(messages)
+                      if m.get("role") == "user"), "")
+        if not query.strip():
+            raise ValueError("rag: the conversation has no user turn to retrieve for")
+        passages = await self.retrieve(query)
+        model.note(step="retrieve", query=query, mode=self.mode if self.search is None else None,
+                   passages=[{"id": p.id, "score": round(p.score, 6)} for p in passages])
+        augmented = with_passages(messages, passages)
+        try:
+            if self.inner is not None:
+                inner = await self.inner.run(model, augmented)
+                message, answer = inner.message, inner.answer
+            else:
+                completion = await model.chat(augmented, temperature=self.temperature,
+                                              max_tokens=self.max_tokens)
+                message = completion.choices[0].message
+                answer = self.extract(message.content or "")
+        except BudgetExhausted:
+            message, answer = Message(role="assistant", content=""), None
+        model.note(step="citations", **check_citations(message.content or "",
+                                                       [p.id for p in passages]))
+        return model.result(message, answer)
+
+    def close(self) -> None:
+        """Close a store this strategy opened from a path (a passed-in one is the caller's)."""
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None

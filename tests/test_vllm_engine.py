@@ -299,6 +299,44 @@ def test_json_schema_output_parses_and_validates(engine: VLLMEngine) -> None:
 
 
 @pytest.mark.slow
+def test_endpoint_in_front_of_vllm_matches_the_torch_endpoint(engine: VLLMEngine, rlhf_dir: Path) -> None:
+    # `assist serve --engine vllm` is this: our endpoint proxying the managed vLLM server.
+    import openai
+
+    from assist._remote import RemoteChatModel
+    from assist.engine import TorchEngine
+    from assist.server import EngineBackend, UpstreamBackend, create_app
+    from assist.testing import running_server
+
+    upstream = UpstreamBackend(RemoteChatModel(engine.server.base_url, engine.server.served_model_name),
+                               context_length=engine.context_length)
+    torch_engine = TorchEngine(rlhf_dir, name="assistant")
+    try:
+        with running_server(create_app(upstream)) as proxy, \
+                running_server(create_app(EngineBackend(torch_engine), owns_backend=False)) as direct:
+            clients = [openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0) for u in (proxy, direct)]
+            for prompt in PROMPTS[:3]:
+                messages = [{"role": "user", "content": prompt}]
+                via_vllm, via_torch = (c.chat.completions.create(model="assistant", messages=messages,
+                                                                 temperature=0, max_tokens=40) for c in clients)
+                assert via_vllm.choices[0].message.content == via_torch.choices[0].message.content
+                assert via_vllm.model == "assistant"
+            chunks = list(clients[0].chat.completions.create(
+                model="assistant", messages=messages, temperature=0, max_tokens=40, stream=True,
+                stream_options={"include_usage": True}))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+                via_torch.choices[0].message.content
+            assert chunks[-1].usage.completion_tokens == via_torch.usage.completion_tokens
+            echo = clients[0].completions.create(model="assistant", prompt="Mia has 5 apples.", echo=True,
+                                                 logprobs=1, max_tokens=1, temperature=0)
+            assert echo.choices[0].text.startswith("Mia has 5 apples.")
+            cot = clients[0].chat.completions.create(model="cot::assistant", messages=messages, max_tokens=40)
+            assert cot.usage.model_extra["calls"] == 1 and cot.choices[0].message.content
+    finally:
+        torch_engine.close()
+
+
+@pytest.mark.slow
 def test_owner_interrupted_while_vllm_starts_leaves_no_process(tmp_path: Path,
                                                                rlhf_dir: Path) -> None:
     # Real vLLM: once its EngineCore runs (3 processes in the group), an interrupted owner

@@ -15,12 +15,23 @@ from strategies import (  # noqa: F401  (importing a strategy module registers i
     rag,
     reflect,
     self_consistency,
+    tools,
 )
 from strategies._base import BudgetExhausted, Cost, Recorder, Result, Strategy, StrategyBase
 from strategies._extract import EXTRACTORS, Extractor
 from strategies._reward import RewardModel, Scorer
+from strategies._sandbox import SandboxResult, run_python
 from strategies._spec import REGISTRY, SpecError, parse, register
 from strategies._store import DocumentStore
+from strategies._toolbox import (
+    Tool,
+    ToolError,
+    available_tools,
+    get_tool,
+    register_tool,
+    retrieval_tool,
+    tool,
+)
 from strategies.best_of_n import BestOfN
 from strategies.cot import ChainOfThought
 from strategies.direct import Direct
@@ -29,9 +40,10 @@ from strategies.plain import Plain
 from strategies.rag import Retrieve, citation_report
 from strategies.reflect import Reflect
 from strategies.self_consistency import SelfConsistency, vote
+from strategies.tools import ToolUse
 
 # Listed by the endpoint's /v1/models as "<spec>::<model>" aliases.
-EXAMPLES = ("direct", "cot", "sc@8")
+EXAMPLES = ("direct", "cot", "sc@8", "reflect", "tools", "sc@4(tools)")
 
 __all__ = [
     "EXAMPLES",
@@ -51,13 +63,23 @@ __all__ = [
     "Result",
     "Retrieve",
     "RewardModel",
+    "SandboxResult",
     "Scorer",
     "SelfConsistency",
     "SpecError",
     "Strategy",
     "StrategyBase",
+    "Tool",
+    "ToolError",
+    "ToolUse",
+    "available_tools",
     "citation_report",
+    "get_tool",
     "parse",
     "register",
+    "register_tool",
+    "retrieval_tool",
+    "run_python",
+    "tool",
     "vote",
 ]

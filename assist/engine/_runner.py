@@ -77,10 +77,11 @@ class LlamaRunner:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot_start: int, *,
-                all_positions: bool = False) -> torch.Tensor:
+                all_positions: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for the last token of each row (``[B, V]``), or for every token (``[B, T, V]``).
 
         ``all_positions`` serves prompt logprobs: one prefill scores the whole prompt.
+        ``last``: per row, the index of the token whose logits to return (right-padded rows).
 
         ``tokens``/``positions``: ``[B, T]``; row ``b`` lives in slot ``slot_start + b`` and
         its tokens sit at consecutive ``positions`` (prefill: 0..T-1, decode: one each).
@@ -111,12 +112,12 @@ class LlamaRunner:
             attn = layer.self_attn
             x = self._norm(h, layer.input_layernorm.weight)
             w, b = self.qkv[i]
-            q, k, v = F.linear(x, w, b).split((self.q_size, self.kv_size, self.kv_size), -1)
-            q = q.view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
+            qk, v = F.linear(x, w, b).split((self.q_size + self.kv_size, self.kv_size), -1)
+            # Rotary embedding on queries and keys at once (they share positions).
+            qk = qk.view(bsz, t, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split((self.n_heads, self.n_kv), 1)
             v = v.view(bsz, t, self.n_kv, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             if decode:
                 self.k[i].view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
                 self.v[i].view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
@@ -139,7 +140,13 @@ class LlamaRunner:
             w, b = self.gate_up[i]
             gate, up = F.linear(x, w, b).split((self.ffn, self.ffn), -1)
             h = h + layer.mlp.down_proj(F.silu(gate) * up)
-        h = self._norm(h if all_positions else h[:, -1], m.norm.weight)
+        if all_positions:
+            pass
+        elif last is not None:
+            h = h[torch.arange(bsz, device=self.device), last]
+        else:
+            h = h[:, -1]
+        h = self._norm(h, m.norm.weight)
         return self.model.lm_head(h).float()
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:

@@ -44,6 +44,11 @@ __all__ = [
 SAMPLING_EPS = 1e-5
 
 
+# Padded tokens one batched prefill may hold: big enough to prefill a burst of requests
+# in one forward, small enough that one long prompt does not pad many short ones.
+PREFILL_TOKENS = 4096
+
+
 class EngineOverloaded(Overloaded):
     """The waiting queue is full; retry later (HTTP 429 through :class:`assist.errors.Overloaded`)."""
 
@@ -147,6 +152,21 @@ def _fail(future: concurrent.futures.Future[RequestOutput], exc: BaseException) 
         pass
 
 
+def _gumbel(size: int, g: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    u = torch.rand(size, generator=g, device=device).clamp_(min=1e-20)
+    return -torch.log(-torch.log(u))
+
+
+def _gumbel_pick(logits: torch.Tensor, g: torch.Generator | None) -> int:
+    """A sample of softmax(logits) by the Gumbel-max trick (what _sample_rows does in batch)."""
+    return int((logits + _gumbel(logits.shape[-1], g, logits.device)).argmax())
+
+
+def _alone(p: SamplingParams) -> bool:
+    """Requests that prefill on their own: prompt scoring needs every position's logits."""
+    return p.prompt_logprobs is not None or p.max_tokens == 0
+
+
 def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
     if k <= 0:
         return []
@@ -232,27 +252,50 @@ class Scheduler:
 
     def _admit(self) -> None:
         while True:
-            with self.cond:
-                if not self.waiting:
-                    return
+            taken = self._take()
+            if not taken:
+                return
+            try:
+                if len(taken) == 1 and _alone(taken[0].params):
+                    self._start(taken[0])
+                else:
+                    self._start_batch(taken)
+            except Exception as exc:  # noqa: BLE001 - the prefill failed: these requests alone
+                for s in self.active:
+                    if any(s.request is r for r in taken):
+                        s.out.finish_reason = "error"
+                for r in taken:
+                    _fail(r.future, exc)
+            self._sweep()
+
+    def _take(self) -> list[_Request]:
+        """The next requests to start: consecutive waiting ones that fit the free slots and
+        one padded prefill of at most ``PREFILL_TOKENS`` (or a lone scoring request)."""
+        taken: list[_Request] = []
+        reserved = width = 0
+        with self.cond:
+            while self.waiting:
                 request = self.waiting[0]
                 if request.future.cancelled():
                     self.waiting.popleft()
                     continue
+                p = request.params
                 # Scoring only (max_tokens=0) borrows one free slot for its prefill.
-                need = request.params.n if request.params.max_tokens > 0 else 1
-                if len(self.active) + need > self.runner.slots:
-                    return
+                need = p.n if p.max_tokens > 0 else 1
+                if len(self.active) + reserved + need > self.runner.slots:
+                    break
+                wider = max(width, len(request.prompt))
+                if taken and (_alone(p) or wider * (len(taken) + 1) > PREFILL_TOKENS):
+                    break
                 self.waiting.popleft()
-            try:
-                self._start(request)
-            except Exception as exc:  # noqa: BLE001 - this request alone failed (bad grammar state...)
-                self.active = [s for s in self.active if s.request is not request]
-                _fail(request.future, exc)
-            self._sweep()
+                taken.append(request)
+                reserved, width = reserved + need, wider
+                if _alone(p):
+                    break
+        return taken
 
     def _start(self, request: _Request) -> None:
-        """Prefill one request and sample the first token of each of its sequences."""
+        """Prefill one request (scoring its prompt when asked) and sample its first tokens."""
         request.started = time.perf_counter()
         p = request.params
         base = len(self.active)
@@ -270,21 +313,62 @@ class Scheduler:
                                for i in range(p.n)]
             _resolve(request)
             return
-        request.pending = p.n
-        for i in range(p.n):
-            slot = base + i
-            if i:
-                self.runner.copy_slot(base, slot, len(request.prompt))
-            g = None
-            if p.temperature >= SAMPLING_EPS:
-                g = torch.Generator(device=device)
-                g.manual_seed(p.seed + i if p.seed is not None else torch.seed() % (1 << 62))
-            request.generators.append(g)
-            out = SeqOutput(index=i, prompt_logprobs=request.prompt_logprobs)
-            request.outputs.append(out)
-            seq = _Seq(request, out, len(request.prompt), -1, p.grammar.new() if p.grammar else None)
+        self._spawn([request], logits)
+
+    def _start_batch(self, requests: list[_Request]) -> None:
+        """One right-padded prefill for several prompts, each in its own slot.
+
+        Padding writes junk keys past a prompt's end; that is harmless because a decode step
+        writes position p before any query reads it, and queries never read beyond their own
+        position.
+        """
+        now = time.perf_counter()
+        for r in requests:
+            r.started = now
+        device = self.runner.device
+        lengths = [len(r.prompt) for r in requests]
+        width = max(lengths)
+        tokens = torch.tensor([r.prompt + [r.prompt[-1]] * (width - len(r.prompt)) for r in requests],
+                              device=device)
+        positions = torch.arange(width, device=device).expand(len(requests), width)
+        last = torch.tensor([n - 1 for n in lengths], device=device)
+        logits = self.runner.forward(tokens, positions, len(self.active), last=last)
+        self._spawn(requests, logits)
+
+    def _spawn(self, requests: list[_Request], logits: torch.Tensor) -> None:
+        """Sequences for freshly prefilled requests, whose caches sit in the next slots (one
+        per request, in order): sample ``i`` of a request copies its request's slot."""
+        base = len(self.active)
+        device = self.runner.device
+        firsts: list[_Seq] = []
+        extra: list[tuple[int, _Seq]] = []
+        for b, request in enumerate(requests):
+            p = request.params
+            request.pending = p.n
+            for i in range(p.n):
+                g = None
+                if p.temperature >= SAMPLING_EPS:
+                    g = torch.Generator(device=device)
+                    g.manual_seed(p.seed + i if p.seed is not None else torch.seed() % (1 << 62))
+                request.generators.append(g)
+                out = SeqOutput(index=i, prompt_logprobs=request.prompt_logprobs)
+                request.outputs.append(out)
+                seq = _Seq(request, out, len(request.prompt), -1, p.grammar.new() if p.grammar else None)
+                if i == 0:
+                    firsts.append(seq)
+                else:
+                    extra.append((b, seq))
+        self.active.extend(firsts)  # slots base + b: where the prefill put each cache
+        for b, seq in extra:
+            self.runner.copy_slot(base + b, len(self.active), seq.length)
             self.active.append(seq)
-            self._accept(seq, logits[0], g)
+        rows = {id(s): b for b, s in enumerate(firsts)} | {id(s): b for b, s in extra}
+        for seq in self.active[base:]:
+            try:
+                self._accept(seq, logits[rows[id(seq)]], seq.request.generators[seq.out.index])
+            except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others
+                seq.out.finish_reason = "error"
+                _fail(seq.request.future, exc)
 
     @staticmethod
     def _prompt_logprobs(prompt: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob | None]:
@@ -306,36 +390,54 @@ class Scheduler:
         logits = self.runner.forward(tokens, positions, 0)
         self.steps += 1
         # Batch-wide work once per step rather than once per sequence: the greedy pick of every
-        # row, and the log-softmax when anyone asked for logprobs.
-        greedy = logits.argmax(-1).tolist()
+        # row, the sampled pick of unconstrained sampling rows, and the log-softmax when asked.
+        picks = logits.argmax(-1).tolist()
+        self._sample_rows(logits, picks)
         logp = torch.log_softmax(logits, -1) if any(s.request.params.logprobs for s in self.active) else None
         for i, s in enumerate(list(self.active)):
             s.length += 1
             try:
-                self._accept(s, logits[i], s.request.generators[s.out.index], greedy[i],
+                self._accept(s, logits[i], s.request.generators[s.out.index], picks[i],
                              None if logp is None else logp[i])
             except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
                 s.out.finish_reason = "error"
                 _fail(s.request.future, exc)
         self._sweep()
 
+    def _sample_rows(self, logits: torch.Tensor, picks: list[int]) -> None:
+        """Overwrite ``picks`` for unconstrained sampling rows: rows sharing (temperature,
+        top_k, top_p) are filtered together; each row draws its Gumbel noise from its own
+        seeded generator, so a request's samples do not depend on its batch-mates."""
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for i, s in enumerate(self.active):
+            p = s.request.params
+            if p.temperature >= SAMPLING_EPS and s.constraint is None:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for (temperature, top_k, top_p), rows in groups.items():
+            filtered = filter_logits(logits[rows] / temperature, top_k, top_p)
+            noise = torch.stack([_gumbel(logits.shape[-1], self.active[i].request.generators[
+                self.active[i].out.index], logits.device) for i in rows])
+            for i, token in zip(rows, (filtered + noise).argmax(-1).tolist(), strict=True):
+                picks[i] = token
+
     def _accept(self, seq: _Seq, logits: torch.Tensor, g: torch.Generator | None,
                 greedy: int | None = None, logp: torch.Tensor | None = None) -> None:
         """Sample the next token from ``logits`` and record it; decide if the sequence ends.
 
-        ``greedy``/``logp``: the row's argmax and log-softmax when the caller computed them
-        for the whole batch.
+        ``greedy``/``logp``: the row's pick and log-softmax when the caller computed them for
+        the whole batch (``greedy`` is ignored for constrained rows, which mask first).
         """
         p = seq.request.params
         masked = logits
         if seq.constraint is not None:
             masked = logits.clone()  # the raw row stays intact for the reported logprobs
             seq.constraint.mask_(masked)
-        if p.temperature < SAMPLING_EPS:
-            token = greedy if greedy is not None and seq.constraint is None else int(masked.argmax())
+        if greedy is not None and seq.constraint is None:
+            token = greedy  # picked for the whole batch by _decode (greedy or sampled)
+        elif p.temperature < SAMPLING_EPS:
+            token = int(masked.argmax())
         else:
-            filtered = filter_logits((masked / p.temperature)[None], p.top_k, p.top_p)[0]
-            token = int(torch.multinomial(torch.softmax(filtered, -1), 1, generator=g))
+            token = _gumbel_pick(filter_logits((masked / p.temperature)[None], p.top_k, p.top_p)[0], g)
         out = seq.out
         out.token_ids.append(token)
         if p.logprobs:

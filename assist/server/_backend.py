@@ -55,6 +55,8 @@ class EngineBackend:
             kw["tool_choice"] = req.tool_choice
         if req.tool_choice == "none":
             kw.pop("tools", None)
+        if req.ignore_eos:
+            kw["ignore_eos"] = True
         return kw
 
     async def chat(self, req: ChatRequest) -> dict[str, Any]:
@@ -78,6 +80,8 @@ class EngineBackend:
                 kw[key] = getattr(req, key)
         if req.top_k and req.top_k > 0:
             kw["top_k"] = req.top_k
+        if req.ignore_eos:
+            kw["ignore_eos"] = True
         return kw
 
     async def complete(self, req: CompletionRequest) -> dict[str, Any]:

@@ -37,13 +37,16 @@ class ServeConfig:
     max_in_flight: int = field(default=256, metadata={"help": "requests accepted at once; beyond: 429 + Retry-After"})
     max_batch: int = field(default=64, metadata={"help": "torch engine: sequences decoded together"})
     max_body_bytes: int = field(default=4 << 20, metadata={"help": "larger request bodies get 413"})
+    access_log: bool = field(default=False, metadata={"help": "log every request (costs CPU per request)"})
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServeConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
-        if f.name == "upstream":
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.name == "upstream":
             parser.add_argument(flag, action="append", metavar="URL", help=f.metadata["help"])
         elif f.name == "engine":
             parser.add_argument(flag, choices=("torch", "vllm"), default=f.default, help=f.metadata["help"])
@@ -123,7 +126,8 @@ def serve(cfg: ServeConfig) -> None:
             pass
         app = create_app(backend, names=names, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
                          max_in_flight=cfg.max_in_flight, strategy_aliases=aliases)
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", access_log=cfg.access_log,
+                    timeout_graceful_shutdown=5)
     finally:
         owned: Any = getattr(backend, "owned", None)
         if owned is not None:  # lifespan normally closed it; a failed start must not orphan vLLM

@@ -79,6 +79,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     strategy: str | None = None  # our extension: an inference-time strategy spec, e.g. "sc@8"
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     @field_validator("stop")
     @classmethod

@@ -1,0 +1,399 @@
+"""Turn ``samples.jsonl`` records into a summary, ``results.json``, plots and ``report.md``.
+
+One record per (task, strategy, item) holds ``runs``: K >= 1 independent runs of the strategy
+on that item. Items are the unit of statistics (runs of one item are correlated), so every
+accuracy is first averaged over an item's runs, then over items.
+
+Contract decisions for imperfect records:
+
+- an errored run (``error`` not null) counts as *incorrect* whatever its ``correct`` field
+  says, and its answer is treated as null, so it does not vote in maj@k. It is counted in
+  ``error_rate`` only, not in ``unparsable_rate``: unparsable means the model answered but
+  no answer could be extracted, which is a different fix. Its tokens, calls and latency
+  still count, since that cost was really spent.
+- a record with no runs becomes one errored run, so the item stays in the denominator and a
+  strategy cannot look better by crashing.
+- a repeated (task, strategy, item) record replaces the earlier one (a re-run wins).
+- ``runs_per_item`` (K) is the smallest run count over items; maj@k and pass@k go to that K.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from rich.table import Table
+
+from evals.stats import (
+    bootstrap_ci,
+    majority_index,
+    mcnemar,
+    mean_pass_at_k,
+    paired_bootstrap,
+    percentile,
+    wilson,
+)
+
+__all__ = [
+    "compare",
+    "load_results",
+    "markdown_table",
+    "plot_cost_frontier",
+    "plot_diversity",
+    "plot_maj_at_k",
+    "read_samples",
+    "rich_table",
+    "summarize",
+    "write_report",
+    "write_results",
+]
+
+Summary = dict[str, dict[str, dict[str, Any]]]  # task -> strategy -> stats
+
+
+class _Run(NamedTuple):
+    correct: bool
+    answer: str | None
+    errored: bool
+    truncated: bool
+    prompt_tokens: int
+    completion_tokens: int
+    calls: int
+    latency_s: float | None
+
+
+def _run(raw: Mapping[str, Any]) -> _Run:
+    errored = raw.get("error") is not None
+    latency = raw.get("latency_s")
+    return _Run(
+        correct=bool(raw.get("correct")) and not errored,
+        answer=None if errored else raw.get("answer"),
+        errored=errored,
+        truncated=raw.get("finish_reason") == "length",
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
+        calls=int(raw.get("calls") or 0),
+        latency_s=float(latency) if latency is not None else None,
+    )
+
+
+def _runs(record: Mapping[str, Any]) -> list[_Run]:
+    runs = [_run(r) for r in record.get("runs") or []]
+    return runs or [_run({"error": "record has no runs"})]
+
+
+def read_samples(path: Path | str) -> list[dict[str, Any]]:
+    """The records of a ``samples.jsonl`` (blank lines skipped)."""
+    lines = Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _mean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def _item_acc(runs: Sequence[_Run]) -> float:
+    return _mean(float(r.correct) for r in runs)
+
+
+def _strategy_stats(items: Mapping[str, list[_Run]], n_boot: int, seed: int) -> dict[str, Any]:
+    all_runs = [r for runs in items.values() for r in runs]
+    accs = [_item_acc(runs) for runs in items.values()]
+    k_min = min(len(runs) for runs in items.values())
+    k_max = max(len(runs) for runs in items.values())
+    if k_max == 1:  # one Bernoulli trial per item: the binomial interval is exact enough
+        ci = wilson(sum(r.correct for r in all_runs), len(all_runs))
+    else:
+        ci = bootstrap_ci(accs, n_boot=n_boot, seed=seed)
+    prompt = _mean(_mean(r.prompt_tokens for r in runs) for runs in items.values())
+    completion = _mean(_mean(r.completion_tokens for r in runs) for runs in items.values())
+    latencies = [r.latency_s for r in all_runs if r.latency_s is not None]
+    maj = pas = None
+    if k_min > 1:
+        maj, pas = {}, {}
+        for k in range(1, k_min + 1):
+            picks = [(runs, majority_index([r.answer for r in runs[:k]])) for runs in items.values()]
+            maj[k] = _mean(float(i is not None and runs[i].correct) for runs, i in picks)
+            pas[k] = mean_pass_at_k([[r.correct for r in runs] for runs in items.values()], k)
+    return {
+        "n": len(items),
+        "accuracy": _mean(accs),
+        "ci95": list(ci),
+        "runs_per_item": k_min,
+        "tokens_per_item": {"prompt": prompt, "completion": completion, "total": prompt + completion},
+        "calls_per_item": _mean(_mean(r.calls for r in runs) for runs in items.values()),
+        "latency_s": {
+            "p50": percentile(latencies, 50) if latencies else None,
+            "p95": percentile(latencies, 95) if latencies else None,
+        },
+        "unparsable_rate": _mean(r.answer is None and not r.errored for r in all_runs),
+        "truncation_rate": _mean(r.truncated for r in all_runs),
+        "error_rate": _mean(r.errored for r in all_runs),
+        "vs_baseline": None,
+        "maj_at_k": maj,
+        "pass_at_k": pas,
+    }
+
+
+def _vs_baseline(
+    name: str, base: Mapping[str, list[_Run]], other: Mapping[str, list[_Run]], n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Paired comparison on the items both strategies ran.
+
+    The bootstrap pairs per-item accuracies (means over runs); McNemar needs one binary
+    outcome per item, so it pairs each item's first run (run 0, the same seed on both sides).
+    """
+    common = [item for item in other if item in base]
+    if not common:
+        return {"baseline": name, "n": 0, "delta": None, "lo": None, "hi": None, "p": None,
+                "mcnemar_p": None}
+    res = paired_bootstrap([_item_acc(base[i]) for i in common],
+                           [_item_acc(other[i]) for i in common], n_boot=n_boot, seed=seed)
+    _, _, p_mcnemar = mcnemar([base[i][0].correct for i in common],
+                              [other[i][0].correct for i in common])
+    return {"baseline": name, "n": len(common), **res._asdict(), "mcnemar_p": p_mcnemar}
+
+
+def summarize(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    baseline: str | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> Summary:
+    """Per task, per strategy statistics (see the module docstring for imperfect records).
+
+    The baseline of a task is ``baseline`` when that task has it, else its first strategy
+    seen; every other strategy gets ``vs_baseline`` against it. Tasks and strategies keep
+    the order they first appear in. Bootstraps use ``seed``, so a summary is reproducible.
+    """
+    grouped: dict[str, dict[str, dict[str, list[_Run]]]] = {}
+    for rec in records:
+        by_item = grouped.setdefault(rec["task"], {}).setdefault(rec["strategy"], {})
+        by_item[rec["item"]] = _runs(rec)
+    summary: Summary = {}
+    for task, strategies in grouped.items():
+        base = baseline if baseline in strategies else next(iter(strategies))
+        summary[task] = {}
+        for strategy, items in strategies.items():
+            stats = _strategy_stats(items, n_boot, seed)
+            if strategy != base:
+                stats["vs_baseline"] = _vs_baseline(base, strategies[base], items, n_boot, seed)
+            summary[task][strategy] = stats
+    return summary
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
+                              capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(out_dir: Path | str, summary: Summary, config: Mapping[str, Any],
+                  *, commit: str | None = None) -> Path:
+    """Write ``results.json`` (summary, config, commit, date); ``commit`` defaults to git's."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    doc = {"commit": commit if commit is not None else _commit(),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": dict(config), "summary": summary}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def load_results(path: Path | str) -> dict[str, Any]:
+    """Read a ``results.json`` (or the folder holding it), restoring the int k keys JSON lost."""
+    p = Path(path)
+    doc = json.loads((p / "results.json" if p.is_dir() else p).read_text())
+    for strategies in doc["summary"].values():
+        for stats in strategies.values():
+            for key in ("maj_at_k", "pass_at_k"):
+                if stats.get(key):
+                    stats[key] = {int(k): v for k, v in stats[key].items()}
+    return doc
+
+
+# --- plots: matplotlib's object API on a bare Figure, so no pyplot state and no display ---
+
+
+def _figure(panels: int, width: float = 5.0, height: float = 4.0) -> Any:
+    from matplotlib.figure import Figure  # lazy: keeps `assist eval --help` fast
+
+    return Figure(figsize=(width * panels, height), layout="constrained")
+
+
+def plot_maj_at_k(summary: Summary, path: Path | str) -> Path | None:
+    """maj@k (solid) and pass@k (dotted) against k, a panel per task; None if no K > 1."""
+    tasks = {t: {s: st for s, st in ss.items() if st.get("maj_at_k")} for t, ss in summary.items()}
+    tasks = {t: ss for t, ss in tasks.items() if ss}
+    if not tasks:
+        return None
+    fig = _figure(len(tasks))
+    for ax, (task, strategies) in zip(fig.subplots(1, len(tasks), squeeze=False)[0], tasks.items(),
+                                      strict=True):
+        for strategy, st in strategies.items():
+            ks = sorted(int(k) for k in st["maj_at_k"])
+            maj = {int(k): v for k, v in st["maj_at_k"].items()}
+            pas = {int(k): v for k, v in st["pass_at_k"].items()}
+            (line,) = ax.plot(ks, [maj[k] for k in ks], marker="o", label=f"{strategy} maj@k")
+            ax.plot(ks, [pas[k] for k in ks], ls=":", color=line.get_color(),
+                    label=f"{strategy} pass@k")
+        ax.set(title=task, xlabel="k (samples)", ylabel="accuracy", ylim=(0, 1.02))
+        ax.xaxis.get_major_locator().set_params(integer=True)  # k is a count
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_cost_frontier(summary: Summary, path: Path | str) -> Path:
+    """Accuracy (95% CI bars) against total tokens per item on log-x, a panel per task."""
+    fig = _figure(max(1, len(summary)))
+    for ax, (task, strategies) in zip(fig.subplots(1, max(1, len(summary)), squeeze=False)[0],
+                                      summary.items(), strict=False):
+        for strategy, st in strategies.items():
+            x = max(1.0, st["tokens_per_item"]["total"])  # log axis: keep 0-token rows visible
+            acc, (lo, hi) = st["accuracy"], st["ci95"]
+            # max(0, .): a percentile CI may miss the mean by float noise; matplotlib rejects <0.
+            yerr = [[max(0.0, acc - lo)], [max(0.0, hi - acc)]]
+            ax.errorbar([x], [acc], yerr=yerr, fmt="o", capsize=3)
+            ax.annotate(strategy, (x, acc), textcoords="offset points", xytext=(5, 5),
+                        fontsize="small")
+        ax.set_xscale("log")
+        ax.set(title=task, xlabel="tokens per item (log)", ylabel="accuracy", ylim=(0, 1.02))
+        ax.grid(alpha=0.3, which="both")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+DIVERSITY_METRICS = ("entropy", "distinct_1", "distinct_2", "distinct_3")
+
+
+def plot_diversity(rows: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
+    """One bar chart per diversity metric across models (rows: model + DIVERSITY_METRICS)."""
+    fig = _figure(len(DIVERSITY_METRICS), width=3.5, height=3.5)
+    models = [str(r["model"]) for r in rows]
+    for ax, metric in zip(fig.subplots(1, len(DIVERSITY_METRICS), squeeze=False)[0],
+                          DIVERSITY_METRICS, strict=True):
+        ax.bar(models, [float(r[metric]) for r in rows], color=[f"C{i}" for i in range(len(rows))])
+        ax.set(title=metric)
+        ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+# --- tables ---
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _acc_cell(st: Mapping[str, Any]) -> str:
+    lo, hi = st["ci95"]
+    return f"{100 * st['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _delta_cell(st: Mapping[str, Any]) -> str:
+    vs = st.get("vs_baseline")
+    if vs is None:
+        return "(baseline)"
+    if vs["delta"] is None:
+        return "no common items"
+    return (f"{100 * vs['delta']:+.1f} pp [{100 * vs['lo']:+.1f}, {100 * vs['hi']:+.1f}] "
+            f"{_p(vs['p'])}")
+
+
+def _latency_cell(st: Mapping[str, Any]) -> str:
+    lat = st["latency_s"]
+    return "—" if lat["p50"] is None else f"{lat['p50']:.2f} / {lat['p95']:.2f} s"
+
+
+def _cells(st: Mapping[str, Any]) -> list[str]:
+    """The columns after the strategy name, shared by the markdown and the terminal table."""
+    return [_acc_cell(st), _delta_cell(st), f"{st['tokens_per_item']['total']:,.0f}",
+            f"{st['calls_per_item']:.2f}", _latency_cell(st), _pct(st["unparsable_rate"]),
+            _pct(st["truncation_rate"]), _pct(st["error_rate"])]
+
+
+_HEADERS = ["strategy", "accuracy [95% CI]", "Δ vs baseline [95% CI]", "tokens/item",
+            "calls/item", "latency p50 / p95", "unparsable", "truncated", "errors"]
+
+
+def markdown_table(summary: Summary) -> str:
+    """A markdown section per task: one row per strategy (items n and runs K in the heading)."""
+    out: list[str] = []
+    for task, strategies in summary.items():
+        ns = sorted({st["n"] for st in strategies.values()})
+        ks = sorted({st["runs_per_item"] for st in strategies.values()})
+        out += [f"### {task} (n={'/'.join(map(str, ns))} items, "
+                f"K={'/'.join(map(str, ks))} runs/item)", "",
+                "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
+        out += ["| " + " | ".join([f"`{s}`", *_cells(st)]) + " |" for s, st in strategies.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+_LEGEND = ("Accuracy: mean over items of each item's mean over its K runs; 95% CI: Wilson when "
+           "K = 1, else bootstrap over items. Δ: paired bootstrap over common items vs the "
+           "baseline (two-sided p); errored runs count as wrong. Latency is per run.")
+
+
+def write_report(out_dir: Path | str, summary: Summary, *, title: str,
+                 extra_sections: Sequence[str] = ()) -> Path:
+    """Write ``report.md`` with the tables and the plots (saved beside it, linked relatively)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}", "", _LEGEND, "", markdown_table(summary)]
+    frontier = plot_cost_frontier(summary, out / "cost_frontier.png")
+    parts += ["## Cost frontier", "", f"![cost frontier]({frontier.name})", ""]
+    maj = plot_maj_at_k(summary, out / "maj_at_k.png")
+    if maj is not None:
+        parts += ["## Accuracy vs samples (maj@k, pass@k)", "", f"![maj@k]({maj.name})", ""]
+    parts += [s.rstrip() + "\n" for s in extra_sections]
+    path = out / "report.md"
+    path.write_text("\n".join(parts).rstrip() + "\n")
+    return path
+
+
+def rich_table(summary: Summary) -> Table:
+    """The markdown table's content as one terminal table (task column added)."""
+    table = Table(title="eval summary")
+    for header in ["task", *_HEADERS]:
+        table.add_column(header, justify="left" if header in ("task", "strategy") else "right")
+    for task, strategies in summary.items():
+        for strategy, st in strategies.items():
+            table.add_row(task, strategy, *_cells(st))
+    return table
+
+
+def compare(dirs: Sequence[Path | str]) -> Table:
+    """Side by side accuracy [CI] of several runs' ``results.json``: task x strategy rows."""
+    docs = [load_results(d) for d in dirs]
+    names = [Path(d).name for d in dirs]
+    labels = names if len(set(names)) == len(names) else [str(d) for d in dirs]
+    rows: dict[tuple[str, str], None] = {}  # ordered union over all runs
+    for doc in docs:
+        for task, strategies in doc["summary"].items():
+            rows.update(dict.fromkeys((task, s) for s in strategies))
+    table = Table(title="comparison: accuracy [95% CI]")
+    table.add_column("task")
+    table.add_column("strategy")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for task, strategy in rows:
+        cells = [doc["summary"].get(task, {}).get(strategy) for doc in docs]
+        table.add_row(task, strategy, *("—" if st is None else _acc_cell(st) for st in cells))
+    return table

@@ -1,4 +1,4 @@
-"""The ``assist`` command: ``assist train``, ``assist serve`` and ``assist index``.
+"""The ``assist`` command: ``assist train``, ``serve``, ``index``, ``chat`` (and ``eval``).
 
 User mistakes (a bad flag, a missing file, a run that exists) end in one clear line on
 stderr and exit status 2; they never print a traceback.
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     from assist._index_cli import add_index_parser
 
     add_index_parser(sub)
+
+    from assist._chat_cli import add_chat_parser
+
+    add_chat_parser(sub)
     return parser
 
 

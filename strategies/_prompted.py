@@ -27,6 +27,7 @@ class Prompted(StrategyBase):
     temperature: float = 0.0
     max_tokens: int | None = None
     extractor: str | Extractor = "default"
+    seed: int | None = None  # sampled runs (t > 0) reproduce; the eval harness sets it per run
     budget: int | None = None
 
     def __post_init__(self) -> None:
@@ -39,6 +40,6 @@ class Prompted(StrategyBase):
 
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         completion = await model.chat(self.request(messages), temperature=self.temperature,
-                                      max_tokens=self.max_tokens)
+                                      max_tokens=self.max_tokens, seed=self.seed)
         message = completion.choices[0].message
         return model.result(message, self.extract(message.content or ""))

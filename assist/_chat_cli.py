@@ -1,0 +1,338 @@
+"""``assist chat``: an interactive, multi-turn terminal chat with a checkpoint or a server.
+
+::
+
+    assist chat (--model PATH | --base-url URL --model-name NAME [--api-key K])
+                [--strategy SPEC] [--system TEXT] [--temperature T] [--max-tokens N]
+
+Without a strategy (or with ``plain``) the answer streams token by token; with one (``sc@8``,
+``reflect``, ``tools``, ``rag``, ...) a spinner runs until the strategy is done, then the
+answer and a footer with its tokens, calls and latency. ``/trace`` shows what the strategy
+did for the last answer (see :mod:`assist._chat_trace`). Ctrl-C during an answer cancels it
+(and frees its batch slots); Ctrl-D or ``/exit`` quits. Bad flags, a missing checkpoint or an
+unreachable server end in one line on stderr and exit status 2. ``assist.cli`` mounts this
+with :func:`add_chat_parser`; ``python -m assist._chat_cli chat ...`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from assist._chat_backend import Backend, Capped, ChatUsageError, local_backend, remote_backend
+
+if TYPE_CHECKING:  # rich and the trace view load with the session: `assist --help` stays quick
+    from rich.console import Console
+
+    from assist._chat_trace import Turn
+    from assist._protocol import ChatModel
+
+__all__ = ["ChatSession", "add_chat_parser", "main"]
+
+PROMPT = "you> "
+HELP = """\
+/strategy [SPEC]  show or switch the strategy: plain (streams), sc@8, reflect, tools, rag, ...
+/trace            what the strategy did for the last answer
+/reset            forget the conversation (the --system prompt stays)
+/help             this list
+/exit             quit (or Ctrl-D); Ctrl-C during an answer cancels it"""
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {raw!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {raw}")
+    return value
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``chat`` on ``assist``'s subparsers; ``func`` takes the args, returns a code."""
+    p = subparsers.add_parser("chat", help="chat in the terminal with a checkpoint or a server")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", metavar="PATH", help="a Hugging Face checkpoint folder")
+    where.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server")
+    p.add_argument("--model-name", metavar="NAME", help="the server's model (with --base-url)")
+    p.add_argument("--api-key", metavar="KEY", help="bearer key for the server (with --base-url)")
+    p.add_argument("--strategy", default="plain", metavar="SPEC",
+                   help="inference strategy, e.g. sc@8, reflect, tools (default: plain, streamed)")
+    p.add_argument("--system", metavar="TEXT", help="a system prompt for the whole conversation")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.7, metavar="T",
+                   help="temperature of streamed answers (default: 0.7); a strategy's own "
+                        "calls use its spec's, e.g. sc@8:t=0.5")
+    p.add_argument("--max-tokens", type=_positive, default=None, metavar="N",
+                   help="cap on each answer's and each strategy call's tokens "
+                        "(default: the rest of the context)")
+    p.set_defaults(func=_chat)
+    return p
+
+
+def _line_reader() -> Callable[[str], str]:
+    """prompt_toolkit's prompt where installed (and on a terminal), else input() + readline."""
+    if sys.stdin.isatty():
+        try:
+            from prompt_toolkit import PromptSession
+        except ImportError:
+            pass
+        else:
+            return PromptSession().prompt
+    with contextlib.suppress(ImportError):  # line editing and history for input()
+        import readline  # noqa: F401
+    return input
+
+
+class ChatSession:
+    """The conversation, the current strategy and the last answer; one line in at a time."""
+
+    def __init__(self, backend: Backend, runner: asyncio.Runner, console: Console, *,
+                 strategy: str = "plain", system: str | None = None, temperature: float = 0.7,
+                 max_tokens: int | None = None,
+                 read_line: Callable[[str], str] | None = None) -> None:
+        self.backend, self.runner, self.console = backend, runner, console
+        # Capped forwards **kwargs: a ChatModel in behaviour, if not in its signature.
+        capped = cast("ChatModel", Capped(backend.model, max_tokens)) if max_tokens else None
+        self.model: ChatModel = capped or backend.model
+        self.system, self.temperature, self.max_tokens = system, temperature, max_tokens
+        self.read_line = read_line or _line_reader()
+        self.messages: list[dict[str, Any]] = []
+        self.last: Turn | None = None
+        self.spec = "plain"
+        self.strategy: Any = None  # None: plain, streamed at --temperature
+        self.reset()
+        error = self.set_strategy(strategy)
+        if error:
+            raise ChatUsageError(error)
+
+    # -- state --------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.last = None
+
+    def set_strategy(self, spec: str) -> str | None:
+        """Switch strategy; the error message for a bad spec (the old one stays)."""
+        import strategies
+
+        try:
+            strategy = strategies.parse(spec)
+        except Exception as exc:  # noqa: BLE001 - any constructor's complaint is one line
+            return str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        self.close()
+        # Bare "plain" streams at --temperature; "plain:t=0.2" streams at its own.
+        self.spec, self.strategy = strategy.spec, None if strategy.spec == "plain" else strategy
+        return None
+
+    def close(self) -> None:
+        """Release what the strategy holds (rag's store, say)."""
+        if self.strategy is not None and hasattr(self.strategy, "close"):
+            self.strategy.close()
+
+    @property
+    def streams(self) -> bool:
+        from strategies import Plain
+
+        return self.strategy is None or type(self.strategy) is Plain
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        c = self.console
+        c.print(f"assist chat · {self.backend.name} · strategy {self.spec} · /help for commands",
+                style="dim", markup=False, highlight=False)
+        while True:
+            try:
+                line = self.read_line(PROMPT)
+            except EOFError:
+                c.print()
+                return 0
+            except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
+                c.print()
+                continue
+            try:
+                if not self.handle(line.strip()):
+                    return 0
+            except KeyboardInterrupt:  # between the runner's handler and the next prompt
+                c.print("cancelled", style="yellow")
+
+    def handle(self, line: str) -> bool:
+        """Act on one input line; False to quit."""
+        if not line:
+            return True
+        if not line.startswith("/"):
+            self.ask(line)
+            return True
+        command, _, rest = line.partition(" ")
+        rest = rest.strip()
+        if command in ("/exit", "/quit"):
+            return False
+        if command == "/help":
+            self.console.print(HELP, markup=False, highlight=False)
+        elif command == "/reset":
+            self.reset()
+            self.console.print("conversation cleared", style="dim")
+        elif command == "/strategy":
+            error = self.set_strategy(rest) if rest else None
+            if error:
+                self._error(f"strategy: {error}")
+            else:
+                self.console.print(f"strategy: {self.spec}", style="dim", markup=False)
+        elif command == "/trace":
+            if self.last is None:
+                self.console.print("no answer yet", style="dim")
+            else:
+                from assist._chat_trace import render_trace
+
+                for part in render_trace(self.last):
+                    self.console.print(part)
+        else:
+            self._error(f"unknown command {command}; /help lists them")
+        return True
+
+    def ask(self, text: str) -> None:
+        from assist.errors import AssistError, ContextLengthExceeded
+
+        self.messages.append({"role": "user", "content": text})
+        try:
+            turn = self.runner.run(self._stream() if self.streams else self._solve())
+        except KeyboardInterrupt:
+            # The runner cancelled the task: the stream closed, the engine freed its slots.
+            self.messages.pop()
+            self.console.print("\ncancelled", style="yellow")
+            return
+        except AssistError as exc:
+            self.messages.pop()
+            hint = "; /reset starts over" if isinstance(exc, ContextLengthExceeded) else ""
+            self._error(f"{exc.message}{hint}")
+            return
+        except Exception as exc:  # noqa: BLE001 - a strategy's failure must not end the chat
+            self.messages.pop()
+            self._error(f"{type(exc).__name__}: {exc}")
+            return
+        self.messages.append({"role": "assistant", "content": turn.text})
+        self.last = turn
+        from assist._chat_trace import footer
+
+        self.console.print(footer(turn), style="dim", markup=False, highlight=False)
+
+    async def _stream(self) -> Turn:
+        from assist._chat_trace import Turn
+        from strategies import Cost
+
+        temperature, max_tokens = self.temperature, self.max_tokens
+        if self.strategy is not None:  # plain with options: its own settings
+            temperature = self.strategy.temperature
+            caps = [c for c in (self.strategy.max_tokens, max_tokens) if c is not None]
+            max_tokens = min(caps) if caps else None
+        out = self.console.file
+        parts: list[str] = []
+        usage: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        first: float | None = None
+        try:
+            stream = self.backend.stream(list(self.messages), temperature, max_tokens)
+            async with contextlib.aclosing(stream) as chunks:  # type: ignore[type-var]
+                async for chunk in chunks:
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or ():
+                        delta = (choice.get("delta") or {}).get("content")
+                        if delta:
+                            first = first or time.perf_counter() - t0
+                            parts.append(delta)
+                            out.write(delta)
+                            out.flush()
+        finally:
+            if parts and not parts[-1].endswith("\n"):
+                out.write("\n")
+                out.flush()
+        text = "".join(parts)
+        cost = Cost(prompt_tokens=usage.get("prompt_tokens", 0),
+                    completion_tokens=usage.get("completion_tokens", 0), calls=1,
+                    latency_s=time.perf_counter() - t0)
+        call = {"step": "call", "n": 1, "temperature": temperature, "streamed": True,
+                "usage": {**usage}, "texts": [text]}
+        return Turn(self.spec, text, cost, [call], first_token_s=first)
+
+    async def _solve(self) -> Turn:
+        from rich.text import Text
+
+        from assist._chat_trace import Turn
+
+        with self.console.status(f"{self.spec} …", spinner="dots"):
+            result = await self.strategy.run(self.model, list(self.messages))
+        self.console.print(Text(result.text) if result.text else Text("(no answer)", "dim"))
+        return Turn(self.spec, result.text, result.usage, list(result.trace), result.answer)
+
+    def _error(self, message: str) -> None:
+        self.console.print(f"error: {message}", style="red", markup=False, highlight=False)
+
+
+def _fail(message: str) -> int:
+    print(f"assist chat: {message}", file=sys.stderr)
+    return 2
+
+
+def _chat(args: argparse.Namespace, *, console: Console | None = None,
+          read_line: Callable[[str], str] | None = None) -> int:
+    from rich.console import Console
+
+    import strategies
+
+    if args.model_name and not args.base_url:
+        return _fail("--model-name goes with --base-url (--model is a checkpoint folder)")
+    if args.api_key and not args.base_url:
+        return _fail("--api-key goes with --base-url")
+    try:  # a bad spec fails before the slow model load
+        strategies.parse(args.strategy)
+    except ValueError as exc:
+        return _fail(f"--strategy: {exc}")
+    console = console or Console(highlight=False)
+    with asyncio.Runner() as runner:
+        backend: Backend | None = None
+        try:
+            backend = (local_backend(args.model, console) if args.model else
+                       remote_backend(args.base_url, args.model_name, args.api_key, runner))
+            session = ChatSession(backend, runner, console, strategy=args.strategy,
+                                  system=args.system, temperature=args.temperature,
+                                  max_tokens=args.max_tokens, read_line=read_line)
+            try:
+                return session.run()
+            finally:
+                session.close()
+        except ChatUsageError as exc:
+            return _fail(str(exc))
+        except KeyboardInterrupt:  # while loading
+            return 130
+        finally:
+            if backend is not None:
+                closed = backend.close()
+                if asyncio.iscoroutine(closed):
+                    runner.run(closed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``assist chat ...`` on its own (until and besides ``assist.cli``)."""
+    from assist.cli import _Parser
+
+    parser = _Parser(prog="assist")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_chat_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

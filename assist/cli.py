@@ -1,4 +1,4 @@
-"""The ``assist`` command: ``assist train``, ``serve``, ``index``, ``chat`` (and ``eval``).
+"""The ``assist`` command: ``assist train``, ``serve``, ``eval``, ``chat``, ``index`` and ``demo``.
 
 User mistakes (a bad flag, a missing file, a run that exists) end in one clear line on
 stderr and exit status 2; they never print a traceback.
@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     from assist._index_cli import add_index_parser
 
     add_index_parser(sub)
+
+    from assist._eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
+
+    from assist._demo_cli import add_demo_parser
+
+    add_demo_parser(sub)
 
     from assist._chat_cli import add_chat_parser
 

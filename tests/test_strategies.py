@@ -9,7 +9,6 @@ import json
 import pytest
 from pydantic import BaseModel
 
-import strategies
 from assist._prompts import COT_SUFFIX, DIRECT_SUFFIX, REFLECT_PROMPT, REFLECT_STANDS
 from assist.testing import FakeChatModel
 from strategies import BestOfN, JsonOutput, Reflect, SelfConsistency, SpecError, parse, vote

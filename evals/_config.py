@@ -1,0 +1,243 @@
+"""Typed configuration of ``assist eval``, and the CLI flags generated from it.
+
+:class:`EvalConfig` (``assist eval run``) and :class:`DiversityConfig` (``assist eval
+diversity``) are the single source of every flag: its name, type, default and help text,
+so the Python API and the CLI cannot drift apart. Checks that need no model or file
+(flag combinations, the strategy list) happen in :func:`check`, before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "DiversityConfig",
+    "EvalConfig",
+    "EvalError",
+    "add_flags",
+    "build_task",
+    "check",
+    "config_from_args",
+    "default_data_dir",
+    "default_out",
+    "generated_task",
+    "run_settings",
+    "split_specs",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+EXTRACTOR_NAMES = ("strict", "flexible", "final", "answer", "letter", "text")
+C = TypeVar("C")
+
+
+class EvalError(ValueError):
+    """A user mistake found before or while setting up a run; the message is one line."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+@dataclass
+class EvalConfig:
+    task: str = _f("arith", "arith | facts | gsm8k | PATH.jsonl (question/answer per line)")
+    strategies: str = _f("direct,cot", "comma-separated strategy specs, e.g. direct,cot,sc@8:t=0.7 "
+                                       "(see `assist eval ls`)")
+    model: str | None = _f(None, "checkpoint folder to load in-process, e.g. runs/tiny/rlhf")
+    engine: str = _f("torch", "in-process engine for --model", ("torch", "vllm"))
+    base_url: str | None = _f(None, "an OpenAI-compatible server instead, e.g. http://h:8000/v1")
+    model_name: str | None = _f(None, "model name on --base-url (default: the server's first)")
+    api_key: str | None = _f(None, "bearer key for --base-url")
+    limit: int | None = _f(None, "evaluate the first N test items (default: all)")
+    samples: int = _f(1, "independent runs per item (K); run j is seeded --seed + j")
+    concurrency: int = _f(8, "runs in flight at once")
+    seed: int = _f(0, "base seed of the sampling strategies")
+    max_tokens: int | None = _f(None, "max_tokens of every strategy that has the option")
+    out: str | None = _f(None, "output folder (default: runs/eval/<task>-<time>)")
+    resume: bool = _f(False, "continue a run in --out: items already in samples.jsonl are kept")
+    data_dir: str | None = _f(None, "gsm8k: folder with test.jsonl (default: ../shared/data/gsm8k)")
+    extractor: str = _f("strict", "answer extractor of a gsm8k / .jsonl task", EXTRACTOR_NAMES)
+    on_bad_line: str = _f("stop", "a malformed .jsonl line: stop (exit 2) or skip it",
+                          ("stop", "skip"))
+    embedder: str = _f("auto", "embedder of the facts store built for rag (auto: minilm if it "
+                               "loads, else hashing)", ("auto", "minilm", "hashing"))
+    baseline: str | None = _f(None, "strategy the others are compared with (default: the first)")
+    task_config: str | None = _f(None, "a run's metrics.json whose arith/facts settings to use "
+                                       "(default: the one beside --model, if any)")
+
+
+@dataclass
+class DiversityConfig:
+    models: str = _f("", "comma-separated checkpoint folders, e.g. runs/tiny/base,runs/tiny/rlhf")
+    prompts: int = _f(32, "arith test questions sampled (the last N, as training reports)")
+    k: int = _f(8, "samples per prompt at --temperature")
+    temperature: float = _f(1.0, "sampling temperature (1: the model's own distribution)")
+    max_new_tokens: int = _f(96, "longest sample")
+    seed: int = _f(0, "sampling seed")
+    out: str | None = _f(None, "output folder (default: runs/eval/diversity-<time>)")
+
+
+def _base_type(annotation: Any) -> type:
+    """``int | None`` → int; ``bool`` → bool."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, suppress: bool = False) -> None:
+    """One ``--flag`` per field of ``cls``. ``suppress`` leaves unset flags out of the
+    namespace (for a parent parser whose subcommand declares the same flags)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        kw: dict[str, Any] = {"help": f.metadata["help"]}
+        if suppress:
+            kw["default"] = argparse.SUPPRESS
+        elif f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", **kw)
+            continue
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, type=kind, **kw)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """The config named by parsed flags; fields without a flag value keep their default."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+              if hasattr(args, f.name)}
+    return cls(**values)
+
+
+# A piece that continues the previous spec's options ("t=0.7" in "sc@8:seed=1,t=0.7").
+_OPTION = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*=[^():@]*")
+
+
+def split_specs(text: str) -> list[str]:
+    """Strategy specs from a comma-separated list.
+
+    Commas also separate a spec's own options (``sc@8:t=0.7,seed=1``), so a piece of the
+    form ``key=value`` joins the spec before it; commas inside parentheses never split.
+    """
+    pieces: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth <= 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    specs: list[str] = []
+    for piece in pieces:
+        if specs and _OPTION.fullmatch(piece) and ":" in specs[-1]:
+            specs[-1] += "," + piece.strip()
+        elif piece.strip():
+            specs.append(piece.strip())
+    return specs
+
+
+def default_data_dir() -> Path | None:
+    """``../shared/data/gsm8k`` beside the clone (or the working folder), when present."""
+    for root in (REPO.parent, Path.cwd().parent):
+        if (root / "shared" / "data" / "gsm8k" / "test.jsonl").is_file():
+            return root / "shared" / "data" / "gsm8k"
+    return None
+
+
+def default_out(name: str) -> Path:
+    return Path("runs") / "eval" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check(cfg: EvalConfig) -> list[str]:
+    """The strategy specs of ``cfg`` after checking flag combinations (no files touched)."""
+    if bool(cfg.model) == bool(cfg.base_url):
+        raise EvalError("give exactly one of --model (a checkpoint) or --base-url (a server)")
+    if cfg.base_url and not cfg.base_url.startswith(("http://", "https://")):
+        raise EvalError(f"--base-url {cfg.base_url}: expected an http(s) URL")
+    if cfg.model and not (Path(cfg.model) / "config.json").is_file():
+        raise EvalError(f"--model {cfg.model}: no Hugging Face checkpoint (config.json) there")
+    for name in ("samples", "concurrency"):
+        if getattr(cfg, name) < 1:
+            raise EvalError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
+    for name in ("limit", "max_tokens"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    if cfg.resume and not cfg.out:
+        raise EvalError("--resume needs the --out folder of the run to continue")
+    specs = split_specs(cfg.strategies)
+    if not specs:
+        raise EvalError("--strategies is empty")
+    if len(set(specs)) != len(specs):
+        raise EvalError(f"--strategies names a strategy twice: {cfg.strategies}")
+    if cfg.baseline is not None and cfg.baseline not in specs:
+        raise EvalError(f"--baseline {cfg.baseline} is not among --strategies")
+    return specs
+
+
+def run_settings(metrics: Path | None, *, required: bool = False) -> dict[str, Any]:
+    """The ``config`` a training run recorded in its ``metrics.json`` ({} when there is none
+    and it is not ``required``): a run trained on harder arith or another facts world must
+    be evaluated on the same generator settings, not the defaults."""
+    if metrics is None or (not required and not metrics.is_file()):
+        return {}
+    try:
+        return dict(json.loads(metrics.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvalError(f"{metrics}: not a training run's metrics.json ({exc})") from exc
+
+
+def generated_task(name: str, settings: dict[str, Any]) -> Any:
+    """``arith`` or ``facts`` with the run's generator settings where it recorded them."""
+    from evals.tasks import ArithConfig, ArithTask, FactsConfig, FactsTask
+
+    kind: Any = ArithConfig if name == "arith" else FactsConfig
+    known = {f.name for f in dataclasses.fields(kind)}
+    values = {k: tuple(v) if isinstance(v, list) else v  # JSON turned the ops tuple into a list
+              for k, v in (settings.get(name) or {}).items() if k in known}
+    try:
+        return ArithTask(kind(**values)) if name == "arith" else FactsTask(kind(**values))
+    except (TypeError, ValueError) as exc:
+        raise EvalError(f"{name} settings of the run: {exc}") from exc
+
+
+def build_task(cfg: EvalConfig) -> Any:
+    """The task ``cfg`` names, its test split read now, so a missing file or a bad line
+    fails before any model loads (the message names ``file:line``)."""
+    from evals.tasks import JsonlError, JsonlTask, gsm8k_task
+    from strategies._extract import EXTRACTORS
+
+    try:
+        if cfg.task in ("arith", "facts"):
+            metrics = (Path(cfg.task_config) if cfg.task_config
+                       else Path(cfg.model).parent / "metrics.json" if cfg.model else None)
+            return generated_task(cfg.task, run_settings(metrics, required=bool(cfg.task_config)))
+        if cfg.task == "gsm8k":
+            data = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+            if data is None:
+                raise EvalError("the gsm8k task needs --data-dir, a folder with test.jsonl")
+            task = gsm8k_task(data)
+        elif cfg.task.endswith(".jsonl"):
+            path = Path(cfg.task)
+            if not path.is_file():
+                raise EvalError(f"{path}: no such task file")
+            task = JsonlTask(path.stem, {"test": path}, skip_bad=cfg.on_bad_line == "skip")
+        else:
+            raise EvalError(f"unknown task {cfg.task!r}; expected arith, facts, gsm8k or a "
+                            "PATH.jsonl")
+        task.extractor = EXTRACTORS[cfg.extractor]  # the full set, not only gsm8k's three
+        if not task.split("test"):
+            raise EvalError(f"task {cfg.task}: no test items")
+    except JsonlError as exc:
+        raise EvalError(str(exc)) from exc
+    return task

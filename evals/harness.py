@@ -1,0 +1,390 @@
+"""The eval harness: every (item, strategy, run) of a task against one ChatModel.
+
+Each (task, strategy, item) becomes one record in ``samples.jsonl``, appended and flushed
+the moment all of its K runs are done, so a killed run loses only what was in flight and
+``resume=True`` picks up after the last whole line::
+
+    {"task", "strategy", "item", "question", "reference",
+     "runs": [{"text", "answer", "correct", "finish_reason", "prompt_tokens",
+               "completion_tokens", "calls", "latency_s", "error", "seed", "trace"}]}
+
+``correct`` and ``answer`` are the *task's* scorer on the final text (what the summary
+counts), not the strategy's own extraction. Run j of every strategy gets seed ``seed + j``
+(on a per-run copy of the strategy, wherever it has a ``seed`` option), so runs differ and
+re-running reproduces them. A strategy that raises on an item is recorded as an errored,
+incorrect run; it never stops the evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from assist._protocol import ChatModel, Messages
+from assist.types import ChatCompletion
+from evals._config import EvalError
+from evals.tasks import Sample, Task
+
+__all__ = ["SAMPLES", "Record", "evaluate", "length_warning", "nodes", "parse_strategies",
+           "pending", "prepare_strategies", "read_records", "seeded", "with_fields"]
+
+SAMPLES = "samples.jsonl"
+LENGTH_WARN = 0.05  # share of runs cut at max_tokens above which the numbers are suspect
+Record = dict[str, Any]
+Key = tuple[str, str, str]
+
+
+# -- strategies ----------------------------------------------------------------------------
+def parse_strategies(specs: Sequence[str]) -> dict[str, Any]:
+    """``{spec: strategy}``; a bad spec raises SpecError (or EvalError) naming it."""
+    import strategies
+
+    out: dict[str, Any] = {}
+    for spec in specs:
+        try:
+            out[spec] = strategies.parse(spec)
+        except strategies.SpecError:
+            raise
+        except ValueError as exc:  # a factory's own check, e.g. rag's missing store file
+            raise EvalError(f"strategy {spec!r}: {exc}") from exc
+    return out
+
+
+def nodes(strategy: Any) -> Iterator[Any]:
+    """A strategy and the strategies it wraps (``sc@8(tools)`` → sc, tools)."""
+    while strategy is not None:
+        yield strategy
+        strategy = getattr(strategy, "inner", None)
+
+
+def with_fields(strategy: Any, pick: Callable[[Any], dict[str, Any]]) -> Any:
+    """A copy of ``strategy`` whose nodes get the fields ``pick(node)`` returns, where the
+    node has them; nodes that change nothing are shared, not copied. The spec is kept."""
+    changes = dict(pick(strategy))
+    inner = getattr(strategy, "inner", None)
+    if inner is not None:
+        new_inner = with_fields(inner, pick)
+        if new_inner is not inner:
+            changes["inner"] = new_inner
+    if not dataclasses.is_dataclass(strategy) or isinstance(strategy, type):
+        return strategy
+    names = {f.name for f in dataclasses.fields(strategy) if f.init}
+    changes = {k: v for k, v in changes.items() if k in names}
+    if not changes:
+        return strategy
+    spec = getattr(strategy, "spec", "")
+    out: Any = dataclasses.replace(strategy, **changes)  # type: ignore[type-var]
+    out.spec = spec  # parse() sets the spec on the instance; replace() would drop it
+    return out
+
+
+def seeded(strategy: Any, seed: int) -> Any:
+    """``strategy`` with ``seed`` on every node that samples with one."""
+    return with_fields(strategy, lambda node: {"seed": seed})
+
+
+def prepare_strategies(
+    strategies: Mapping[str, Any], task: Task, *, out: Path, model_path: Path | None = None,
+    max_tokens: int | None = None, embedder: str = "auto", stack: contextlib.ExitStack,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """The strategies made ready for ``task`` and the model, before any work.
+
+    ``max_tokens`` goes to every node that has the option. A ``rag`` without a store (and
+    no ``$ASSIST_RAG_STORE``) on ``facts`` gets the facts passages, indexed once into
+    ``out/facts.sqlite`` (reused on resume); elsewhere it is an error. A ``bon`` without a
+    reward model (and no ``$ASSIST_REWARD_MODEL``) gets the ``rm`` stage beside
+    ``model_path`` (``runs/tiny/rlhf`` → ``runs/tiny/rm``).
+    """
+    from strategies import BestOfN, Retrieve
+
+    every = [n for s in strategies.values() for n in nodes(s)]
+    bare_rag = [n for n in every if isinstance(n, Retrieve) and n.store is None and n.search is None]
+    bare_bon = [n for n in every if isinstance(n, BestOfN) and n.rm is None and n.scorer is None
+                and not os.environ.get("ASSIST_REWARD_MODEL")]
+    store, rm = None, None
+    if bare_rag:
+        from evals.tasks import FactsTask
+
+        if not isinstance(task, FactsTask):
+            raise EvalError(f"rag needs a document store on task {task.name}: give store=PATH "
+                            "in its spec or set ASSIST_RAG_STORE (built automatically for facts)")
+        store = stack.enter_context(_facts_store(task, out / "facts.sqlite", embedder,
+                                                 console or Console(stderr=True)))
+    if bare_bon:
+        sibling = model_path.parent / "rm" if model_path is not None else None
+        if sibling is None or not (sibling / "config.json").is_file():
+            raise EvalError("bon needs a reward model: give rm=PATH in its spec or set "
+                            "ASSIST_REWARD_MODEL (defaulted only for --model RUN/<stage> with "
+                            "a RUN/rm beside it)")
+        rm = str(sibling)
+
+    def pick(node: Any) -> dict[str, Any]:
+        changes: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
+        if store is not None and any(node is n for n in bare_rag):
+            changes["store"] = store
+        if rm is not None and any(node is n for n in bare_bon):
+            changes["rm"] = rm
+        return changes
+
+    return {name: with_fields(s, pick) for name, s in strategies.items()}
+
+
+def _facts_store(task: Any, path: Path, embedder: str, console: Console) -> Any:
+    """The facts passages in a store at ``path``; an existing one is topped up (resume)."""
+    from strategies._embed import EmbedderError, HashingEmbedder, MiniLMEmbedder
+    from strategies._ingest import store_from_facts
+    from strategies._store import StoreError
+
+    chosen: Any = None  # an existing store keeps the embedder it was built with
+    if not path.exists():
+        chosen = HashingEmbedder() if embedder == "hashing" else MiniLMEmbedder()
+        if embedder == "auto":
+            try:
+                chosen(["probe"])  # loads the model now, so a broken install falls back
+            except Exception as exc:  # noqa: BLE001 - any load failure means "use hashing"
+                console.print(f"[yellow]rag: MiniLM did not load ({exc}); indexing facts "
+                              "with the hashing embedder[/yellow]")
+                chosen = HashingEmbedder()
+    try:
+        return store_from_facts(task, path, embedder=chosen)
+    except (StoreError, EmbedderError) as exc:
+        raise EvalError(f"rag: cannot build the facts store {path}: {exc}") from exc
+
+
+# -- one run -------------------------------------------------------------------------------
+class _Tap:
+    """The ChatModel one run sees: forwards every call and keeps what the strategy's trace
+    does not (each choice's finish reason, and usage even when the strategy raises)."""
+
+    def __init__(self, model: ChatModel) -> None:
+        self.model = model
+        self.name = model.name
+        self.choices: list[list[tuple[str, str]]] = []  # per call: (text, finish_reason)
+        self.prompt_tokens = self.completion_tokens = self.calls = 0
+
+    @property
+    def supports_n(self) -> bool:  # read live: a remote model may find out it lacks n
+        return self.model.supports_n
+
+    async def chat(self, messages: Messages, **kwargs: Any) -> ChatCompletion:
+        completion = await self.model.chat(messages, **kwargs)
+        self.calls += 1
+        self.prompt_tokens += completion.usage.prompt_tokens
+        self.completion_tokens += completion.usage.completion_tokens
+        self.choices.append([(c.message.content or "", str(c.finish_reason or "stop"))
+                             for c in completion.choices])
+        return completion
+
+    def finish_reason(self, text: str, trace: Sequence[Mapping[str, Any]]) -> str:
+        """The finish reason of the call that produced ``text``, else of the last call."""
+        for entry in reversed(trace):
+            if entry.get("finish_reason"):
+                return str(entry["finish_reason"])
+        for call in reversed(self.choices):
+            for content, reason in call:
+                if content == text:
+                    return reason
+        return self.choices[-1][0][1] if self.choices and self.choices[-1] else "stop"
+
+
+async def _run_one(model: ChatModel, task: Task, item: Sample, strategy: Any, seed: int,
+                   gate: asyncio.Semaphore) -> dict[str, Any]:
+    tap = _Tap(model)
+    messages = [{"role": "user", "content": item.question}]
+    async with gate:
+        t0 = time.perf_counter()
+        try:
+            result = await strategy.run(tap, messages)
+        except Exception as exc:  # noqa: BLE001 - one item's failure is data, not a crash
+            return {"text": "", "answer": None, "correct": False, "finish_reason": "error",
+                    "prompt_tokens": tap.prompt_tokens, "completion_tokens": tap.completion_tokens,
+                    "calls": tap.calls, "latency_s": round(time.perf_counter() - t0, 4),
+                    "error": f"{type(exc).__name__}: {exc}", "seed": seed, "trace": []}
+    score = task.score(item, result.text)
+    usage = result.usage
+    return {"text": result.text, "answer": score.extracted, "correct": score.correct,
+            "finish_reason": tap.finish_reason(result.text, result.trace),
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "calls": usage.calls, "latency_s": round(usage.latency_s, 4), "error": None,
+            "seed": seed, "trace": result.trace}
+
+
+# -- samples.jsonl -------------------------------------------------------------------------
+def _key(record: Mapping[str, Any]) -> Key:
+    return str(record["task"]), str(record["strategy"]), str(record["item"])
+
+
+def read_records(path: Path) -> list[Record]:
+    """The records of a ``samples.jsonl``.
+
+    A last line cut off mid-write (the run was killed) is dropped and cut from the file too,
+    so appending starts on a fresh line; a bad line anywhere else is an EvalError naming
+    ``file:line``, since silently dropping finished work would be worse.
+    """
+    original = path.read_text(encoding="utf-8")
+    lines = original.split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records: list[Record] = []
+    kept: list[str] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            _key(record)
+        except (ValueError, KeyError, TypeError) as exc:
+            if i == last:
+                break
+            raise EvalError(f"{path}:{i + 1}: not a sample record ({exc}); "
+                            "remove the line to resume") from exc
+        records.append(record)
+        kept.append(line)
+    text = "".join(line + "\n" for line in kept)
+    if text != original:
+        path.write_text(text, encoding="utf-8")  # drop the torn tail, end on a newline
+    return records
+
+
+def _finished(path: Path, resume: bool) -> dict[Key, Record]:
+    if not path.exists() or not path.stat().st_size:
+        return {}
+    if not resume:
+        raise EvalError(f"{path} exists: pass --resume to continue that run, or another --out")
+    return {_key(r): r for r in read_records(path)}
+
+
+def pending(out: Path, task: Task, names: Sequence[str], items: Sequence[Sample], *,
+            resume: bool) -> int:
+    """How many (item, strategy) records ``evaluate`` would compute (so a caller can skip
+    loading a model when a resumed run is complete); the same errors as ``evaluate``."""
+    done = _finished(out / SAMPLES, resume)
+    return sum((task.name, name, item.id) not in done for item in items for name in names)
+
+
+class _RetryCounter(logging.Handler):
+    """Counts the remote client's retry and failover warnings while attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = str(record.msg)
+        if "retrying" in message or "failing over" in message:
+            self.count += 1
+
+
+class _Bar:
+    """A rich progress bar over (item, strategy) pairs, with tokens, errors and retries."""
+
+    def __init__(self, total: int, console: Console, enabled: bool, retries: _RetryCounter):
+        self.retries, self.tokens, self.errors = retries, 0, 0
+        self.progress: Any = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[tokens]:,} tok · {task.fields[errors]} errors · "
+                           "{task.fields[retries]} retries"), TimeElapsedColumn(),
+                console=console)
+            self.task = self.progress.add_task("eval", total=total, tokens=0, errors=0, retries=0)
+
+    def __enter__(self) -> _Bar:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def advance(self, record: Record) -> None:
+        runs = record["runs"]
+        self.tokens += sum(r["prompt_tokens"] + r["completion_tokens"] for r in runs)
+        self.errors += sum(r["error"] is not None for r in runs)
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, tokens=self.tokens, errors=self.errors,
+                                 retries=self.retries.count)
+
+
+def length_warning(records: Sequence[Record]) -> str | None:
+    """A warning when over 5% of runs stopped at their token limit, naming the strategies."""
+    runs = [(rec["strategy"], run) for rec in records for run in rec["runs"]]
+    cut = [name for name, run in runs if run.get("finish_reason") == "length"]
+    if not runs or len(cut) / len(runs) <= LENGTH_WARN:
+        return None
+    worst = ", ".join(dict.fromkeys(cut))
+    return (f"{len(cut)}/{len(runs)} runs ({100 * len(cut) / len(runs):.0f}%) stopped at their "
+            f"token limit ({worst}); accuracy is understated: raise --max-tokens")
+
+
+# -- the run -------------------------------------------------------------------------------
+async def evaluate(
+    model: ChatModel, task: Task, strategies: Mapping[str, Any], items: Sequence[Sample], *,
+    samples: int = 1, concurrency: int = 8, seed: int = 0, out: Path, resume: bool = False,
+    progress: bool = True, console: Console | None = None,
+) -> list[Record]:
+    """Run every strategy K=``samples`` times on every item; the records, in item order.
+
+    ``concurrency`` bounds the runs in flight (a run is one strategy call, however many
+    model calls it makes). With ``resume`` the (task, strategy, item) records already in
+    ``out/samples.jsonl`` are kept as they are (whatever their K) and not recomputed; without
+    it that file must not exist.
+    """
+    if samples < 1 or concurrency < 1:
+        raise ValueError("samples and concurrency must be at least 1")
+    console = console or Console(stderr=True)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SAMPLES
+    done = _finished(path, resume)
+    keys = [(task.name, name, item.id) for item in items for name in strategies]
+    todo = [(item, name) for item in items for name in strategies
+            if (task.name, name, item.id) not in done]
+    copies = {name: [seeded(s, seed + j) for j in range(samples)] for name, s in strategies.items()}
+    gate = asyncio.Semaphore(concurrency)
+    retries = _RetryCounter()
+    remote_log = logging.getLogger("assist.remote")
+
+    async def pair(handle: Any, bar: _Bar, item: Sample, name: str) -> None:
+        runs = await asyncio.gather(*(_run_one(model, task, item, copies[name][j], seed + j, gate)
+                                      for j in range(samples)))
+        record = {"task": task.name, "strategy": name, "item": item.id, "question": item.question,
+                  "reference": item.answer, "runs": list(runs)}
+        handle.write(json.dumps(record, default=str) + "\n")
+        handle.flush()  # the line is on disk before the next one starts: resume trusts it
+        done[_key(record)] = record
+        bar.advance(record)
+
+    remote_log.addHandler(retries)
+    try:
+        with path.open("a", encoding="utf-8") as handle, \
+                _Bar(len(keys), console, progress, retries) as bar:
+            if bar.progress is not None:
+                bar.progress.update(bar.task, completed=len(keys) - len(todo))
+            await asyncio.gather(*(pair(handle, bar, item, name) for item, name in todo))
+            os.fsync(handle.fileno())
+    finally:
+        remote_log.removeHandler(retries)
+    records = [done[k] for k in keys]
+    warning = length_warning(records)
+    if warning:
+        console.print(f"[yellow]warning: {warning}[/yellow]")
+    return records

@@ -9,7 +9,7 @@ from typing import Any
 from assist._protocol import ChatModel, Messages
 from assist.types import Choice
 
-__all__ = ["diversify", "sample_choices"]
+__all__ = ["attempt", "diversify", "sample_choices"]
 
 
 async def sample_choices(model: ChatModel, prompt: Messages, k: int, *, seed: int | None = None,
@@ -21,6 +21,16 @@ async def sample_choices(model: ChatModel, prompt: Messages, k: int, *, seed: in
     seeds = [None if seed is None else seed + i for i in range(k)]
     done = await asyncio.gather(*(model.chat(prompt, n=1, seed=s, **kwargs) for s in seeds))
     return [c.choices[0] for c in done]
+
+
+def attempt(inner: Any, seed: int | None) -> Any:
+    """A copy of ``inner`` seeded for one attempt (so k attempts differ, reproducibly)."""
+    if seed is None or not dataclasses.is_dataclass(inner) or not hasattr(inner, "seed"):
+        return inner
+    spec = inner.spec
+    out = dataclasses.replace(inner, seed=seed)
+    out.spec = spec
+    return out
 
 
 def diversify(inner: Any, temperature: float) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 from assist._prompts import COT_SUFFIX
 from assist.types import Message
 from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase, with_suffix
-from strategies._candidates import diversify, sample_choices
+from strategies._candidates import attempt, diversify, sample_choices
 from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._reward import RewardModel, Scorer
@@ -94,7 +94,8 @@ class BestOfN(StrategyBase):
 
     async def _candidates(self, model: Recorder, messages: list[dict[str, Any]]) -> list[tuple[Message, str | None]]:
         if self.inner is not None:
-            results = await asyncio.gather(*(self.inner.run(model, messages) for _ in range(self.k)))
+            seeds = [None if self.seed is None else self.seed + i for i in range(self.k)]
+            results = await asyncio.gather(*(attempt(self.inner, s).run(model, messages) for s in seeds))
             return [(r.message, r.answer) for r in results]
         choices = await sample_choices(model, with_suffix(messages, COT_SUFFIX), self.k, seed=self.seed,
                                        temperature=self.temperature, top_p=self.top_p,

@@ -110,6 +110,7 @@ class Retrieve(StrategyBase):
     search: SearchFn | None = None
     mode: str = "hybrid"
     temperature: float = 0.0
+    seed: int | None = None  # sampled runs (t > 0) reproduce
     max_tokens: int | None = None
     extractor: str | Extractor = "default"
     inner: Any = None
@@ -172,7 +173,7 @@ class Retrieve(StrategyBase):
                 message, answer = inner.message, inner.answer
             else:
                 completion = await model.chat(augmented, temperature=self.temperature,
-                                              max_tokens=self.max_tokens)
+                                              max_tokens=self.max_tokens, seed=self.seed)
                 message = completion.choices[0].message
                 answer = self.extract(message.content or "")
         except BudgetExhausted:

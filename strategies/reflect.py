@@ -39,6 +39,7 @@ def revision(check: str) -> str | None:
 class Reflect(StrategyBase):
     k: int = 1  # rounds of check-and-revise (spec: reflect@2)
     temperature: float = 0.0
+    seed: int | None = None  # sampled runs (t > 0) reproduce
     max_tokens: int | None = None
     extractor: str | Extractor = "default"
     critic: ChatModel | None = None
@@ -61,7 +62,7 @@ class Reflect(StrategyBase):
             convo = [*messages, {"role": "assistant", "content": attempt.content or ""},
                      {"role": "user", "content": REFLECT_PROMPT}]
             try:
-                check = (await critic.chat(convo, temperature=self.temperature,
+                check = (await critic.chat(convo, temperature=self.temperature, seed=self.seed,
                                            max_tokens=self.max_tokens)).text
             except BudgetExhausted:
                 break
@@ -81,5 +82,6 @@ class Reflect(StrategyBase):
     async def _attempt(self, model: Recorder, messages: list[dict[str, Any]]) -> Message:
         if self.inner is not None:
             return (await self.inner.run(model, messages)).message
-        completion = await model.chat(messages, temperature=self.temperature, max_tokens=self.max_tokens)
+        completion = await model.chat(messages, temperature=self.temperature, max_tokens=self.max_tokens,
+                                      seed=self.seed)
         return completion.choices[0].message

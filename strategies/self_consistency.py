@@ -22,7 +22,7 @@ from typing import Any
 from assist._prompts import COT_SUFFIX
 from assist.types import Choice, Message
 from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase, with_suffix
-from strategies._candidates import diversify, sample_choices
+from strategies._candidates import attempt, diversify, sample_choices
 from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._spec import register
@@ -107,7 +107,8 @@ class SelfConsistency(StrategyBase):
     async def _sample(self, model: Recorder, messages: list[dict[str, Any]], size: int,
                       offset: int) -> list[tuple[Message, str | None, float]]:
         if self.inner is not None:
-            results = await asyncio.gather(*(self.inner.run(model, messages) for _ in range(size)))
+            seeds = [None if self.seed is None else self.seed + offset + i for i in range(size)]
+            results = await asyncio.gather(*(attempt(self.inner, s).run(model, messages) for s in seeds))
             return [(r.message, r.answer, 1.0) for r in results]
         choices = await sample_choices(model, with_suffix(messages, COT_SUFFIX), size,
                                        seed=None if self.seed is None else self.seed + offset,

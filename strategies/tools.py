@@ -46,6 +46,7 @@ class ToolUse(StrategyBase):
     tools: tuple[str | Tool, ...] | str = ("calculator",)
     max_turns: int = 4
     temperature: float = 0.0
+    seed: int | None = None  # sampled runs (t > 0) reproduce; turn i uses seed + i
     max_tokens: int | None = None
     extractor: str | Extractor = "default"
     budget: int | None = None
@@ -83,7 +84,8 @@ class ToolUse(StrategyBase):
         try:
             for turn in range(self.max_turns + 1):
                 last = turn == self.max_turns  # the extra round: answer, no more tools
-                kwargs: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens}
+                kwargs: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens,
+                                          "seed": None if self.seed is None else self.seed + turn}
                 if not last:
                     kwargs["tools"] = schemas
                 completion = await model.chat(chat, **kwargs)

@@ -24,8 +24,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Train the tiny assistant (finished stages are kept), evaluate every strategy, write
+# runs/tiny/REPORT.md. Interrupted? Run it again: both steps resume.
 demo: $(STAMP)
 	$(BIN)/assist train --preset tiny --out runs/tiny --resume
+	$(BIN)/assist demo --run runs/tiny
 
 lint: $(STAMP)
 	$(BIN)/ruff check assist training evals strategies tests bench

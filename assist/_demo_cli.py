@@ -42,60 +42,64 @@ def _eval(*args: str) -> None:
         raise SystemExit(code)
 
 
-def _summary(dirs: Sequence[Path]) -> dict[str, Any]:
-    from evals.report import read_samples, summarize
+def _records(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    from evals.report import read_samples
 
-    records = [r for d in dirs for r in read_samples(d / "samples.jsonl")]
-    return summarize(records)
-
-
-def _row(summary: dict[str, Any], task: str, strategy: str) -> dict[str, Any] | None:
-    return summary.get(task, {}).get(strategy)
+    return [r for d in dirs for r in read_samples(d / "samples.jsonl")]
 
 
-def _pct(row: dict[str, Any] | None) -> str:
-    if row is None:
-        return "–"
-    lo, hi = row["ci95"]
-    return f"{100 * row['accuracy']:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
+def _per_item(records: Sequence[dict[str, Any]], strategy: str) -> dict[str, float]:
+    """Each item's accuracy (mean over its runs; an errored run counts wrong)."""
+    out = {}
+    for r in records:
+        if r["strategy"] == strategy and r["runs"]:
+            out[r["item"]] = sum(bool(x["correct"]) and not x.get("error") for x in r["runs"]) / len(r["runs"])
+    return out
 
 
-def _delta(row: dict[str, Any] | None, base: dict[str, Any] | None) -> float | None:
-    if row is None or base is None:
-        return None
-    return 100 * (row["accuracy"] - base["accuracy"])
+def _claim_row(text: str, records: Sequence[dict[str, Any]], better: str, worse: str) -> str:
+    """One claim: both accuracies and the paired difference on the items both answered,
+    with a verdict that needs the 95% interval of the difference to exclude zero."""
+    from evals.stats import paired_bootstrap
+
+    b, w = _per_item(records, better), _per_item(records, worse)
+    common = sorted(set(b) & set(w))
+    if not common:
+        return f"| {text} | `{better}` vs `{worse}`: not run | – |"
+    res = paired_bootstrap([w[i] for i in common], [b[i] for i in common])
+    acc = lambda d: 100 * sum(d[i] for i in common) / len(common)  # noqa: E731
+    ours = (f"`{better}` {acc(b):.1f}% vs `{worse}` {acc(w):.1f}% on {len(common)} items: "
+            f"Δ {100 * res.delta:+.1f} points [{100 * res.lo:+.1f}, {100 * res.hi:+.1f}]")
+    if res.lo > 0:
+        verdict = "shown"
+    elif res.hi < 0:
+        verdict = "reversed here"
+    else:
+        verdict = "not significant here"
+    return f"| {text} | {ours} | {verdict} |"
 
 
-def _claims(arith: dict[str, Any], facts: dict[str, Any], diversity: list[dict[str, Any]]) -> list[str]:
+def _claims(arith: Sequence[dict[str, Any]], facts: Sequence[dict[str, Any]],
+            diversity: list[dict[str, Any]]) -> list[str]:
     """The talk's claims next to this model's own numbers, with a plain verdict."""
-    a = lambda s: _row(arith, "arith", s)  # noqa: E731 - a lookup, read once per claim
-    f = lambda s: _row(facts, "facts", s)  # noqa: E731
-    rows = []
-
-    def claim(text: str, ours: str, better: float | None) -> None:
-        verdict = "–" if better is None else ("shown" if better > 0 else "not shown at this scale")
-        rows.append(f"| {text} | {ours} | {verdict} |")
-
-    pairs = [
-        ("Models need tokens to think: chain of thought beats answering at once", "cot", "direct", a),
-        ("Ensembling: self-consistency over sampled chains beats one greedy chain", "sc@8:t=0.7", "cot", a),
-        ("A reward model can pick the best of N samples", "bon@8:t=0.7", "cot", a),
-        ("Asking the model to reflect on its answer can fix it", "reflect", "cot", a),
-        ("Tools: offload arithmetic to a calculator", "tools", "cot", a),
-        ("Retrieval: the context window is working memory", "rag", "direct", f),
+    rows = [
+        _claim_row("Models need tokens to think: chain of thought beats answering at once", arith, "cot", "direct"),
+        _claim_row("Ensembling: self-consistency over sampled chains beats one greedy chain", arith,
+                   "sc@8:t=0.7", "cot"),
+        _claim_row("A reward model picks the best of N samples", arith, "bon@8:t=0.7", "cot"),
+        _claim_row("Asking the model to reflect on its answer can fix it", arith, "reflect", "cot"),
+        _claim_row("Tools: offload arithmetic to a calculator", arith, "tools", "cot"),
+        _claim_row("Composition: self-consistency over tool-using attempts", arith, "sc@4(tools)", "tools"),
+        _claim_row("Retrieval: the context window is working memory", facts, "rag", "direct"),
     ]
-    for text, better, worse, look in pairs:
-        d = _delta(look(better), look(worse))
-        ours = f"`{better}` {_pct(look(better))} vs `{worse}` {_pct(look(worse))}" + (
-            "" if d is None else f" (Δ {d:+.1f} points)")
-        claim(text, ours, d)
     by_model = {r["model"]: r for r in diversity}
     if "sft" in by_model and "rlhf" in by_model:
         s, r = by_model["sft"], by_model["rlhf"]
-        drop = s["entropy"] - r["entropy"]
-        claim("RLHF models lose entropy (mode collapse)",
-              f"per-token entropy {s['entropy']:.3f} (SFT) → {r['entropy']:.3f} (RLHF); EAD distinct-2 "
-              f"{s['distinct_2']:.3f} → {r['distinct_2']:.3f}", drop)
+        verdict = "shown" if r["entropy"] < s["entropy"] and r["distinct_2"] < s["distinct_2"] else "not shown here"
+        rows.append(f"| RLHF models lose entropy (mode collapse) | per-token entropy {s['entropy']:.3f} (SFT) → "
+                    f"{r['entropy']:.3f} (RLHF); EAD distinct-2 {s['distinct_2']:.3f} → {r['distinct_2']:.3f} "
+                    f"(base: {by_model.get('base', s)['entropy']:.3f}, {by_model.get('base', s)['distinct_2']:.3f}) "
+                    f"| {verdict} |")
     return ["| claim (State of GPT) | this model | verdict |", "|---|---|---|", *rows]
 
 
@@ -105,7 +109,10 @@ def write_report(cfg: DemoConfig, arith_dirs: Sequence[Path], facts_dir: Path, d
 
     out = cfg.run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    arith, facts = _summary(arith_dirs), _summary([facts_dir])
+    from evals.report import summarize
+
+    arith_records, facts_records = _records(arith_dirs), _records([facts_dir])
+    arith, facts = summarize(arith_records), summarize(facts_records)
     diversity = json.loads((diversity_dir / "diversity.json").read_text())["rows"]
     ledger = json.loads((cfg.run / "metrics.json").read_text())
     plot_cost_frontier({**arith, **facts}, out / "cost_frontier.png")
@@ -145,7 +152,7 @@ def write_report(cfg: DemoConfig, arith_dirs: Sequence[Path], facts_dir: Path, d
               *[f"| {r['model']} | {r['entropy']:.3f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
                 f"{r['distinct_3']:.3f} |" for r in diversity],
               "", "![diversity](report/diversity.png)", "",
-              "## 5. The talk's claims, in miniature", "", *_claims(arith, facts, diversity), ""]
+              "## 5. The talk's claims, in miniature", "", *_claims(arith_records, facts_records, diversity), ""]
     path = cfg.run / "REPORT.md"
     path.write_text("\n".join(lines))
     return path

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from assist._argtypes import float_at_least, int_at_least, standalone
 from assist._chat_backend import Backend, Capped, ChatUsageError, local_backend, remote_backend
 
 if TYPE_CHECKING:  # rich and the trace view load with the session: `assist --help` stays quick
@@ -42,26 +43,6 @@ HELP = """\
 /help             this list
 /exit             quit (or Ctrl-D); Ctrl-C during an answer cancels it"""
 
-def _non_negative_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {raw!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {raw}")
-    return value
-
-
-def _positive(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {raw!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``chat`` on ``assist``'s subparsers; ``func`` takes the args, returns a code."""
     p = subparsers.add_parser("chat", help="chat in the terminal with a checkpoint or a server")
@@ -73,10 +54,10 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="plain", metavar="SPEC",
                    help="inference strategy, e.g. sc@8, reflect, tools (default: plain, streamed)")
     p.add_argument("--system", metavar="TEXT", help="a system prompt for the whole conversation")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.7, metavar="T",
+    p.add_argument("--temperature", type=float_at_least(0.0), default=0.7, metavar="T",
                    help="temperature of streamed answers (default: 0.7); a strategy's own "
                         "calls use its spec's, e.g. sc@8:t=0.5")
-    p.add_argument("--max-tokens", type=_positive, default=None, metavar="N",
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N",
                    help="cap on each answer's and each strategy call's tokens "
                         "(default: the rest of the context)")
     p.set_defaults(func=_chat)
@@ -324,14 +305,8 @@ def _chat(args: argparse.Namespace, *, console: Console | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``assist chat ...`` on its own (until and besides ``assist.cli``)."""
-    from assist.cli import _Parser
-
-    parser = _Parser(prog="assist")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_chat_parser(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    """``assist chat ...`` on its own (the same parser ``assist.cli`` mounts)."""
+    return standalone(add_chat_parser, argv)
 
 
 if __name__ == "__main__":

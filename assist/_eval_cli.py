@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from assist._argtypes import standalone
+
 if TYPE_CHECKING:  # evals builds on assist: the CLI imports it only when a command runs
     from evals._config import DiversityConfig, EvalConfig
 
@@ -344,13 +346,7 @@ def _diversity(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``assist eval ...`` on its own (the same parser ``assist.cli`` mounts)."""
-    from assist.cli import _Parser
-
-    parser = _Parser(prog="assist")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_eval_parser(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return standalone(add_eval_parser, argv)
 
 
 if __name__ == "__main__":

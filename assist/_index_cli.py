@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from assist._argtypes import int_at_least, standalone
+
 __all__ = ["add_index_parser", "main"]
 
 STORE_ENV = "ASSIST_RAG_STORE"
@@ -32,26 +34,6 @@ MODES = ("hybrid", "bm25", "dense")
 
 class _Usage(Exception):
     """A missing flag noticed after parsing (the store may come from the environment)."""
-
-
-def _positive(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {raw!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _non_negative(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {raw!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
 
 
 def _store_flag(p: argparse.ArgumentParser) -> None:
@@ -67,9 +49,9 @@ def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
     a = sub.add_parser("add", help="chunk and index .txt/.md/.jsonl files (resumable)")
     a.add_argument("paths", nargs="+", metavar="DIR_OR_FILE")
     _store_flag(a)
-    a.add_argument("--chunk-chars", type=_positive, default=1000,
+    a.add_argument("--chunk-chars", type=int_at_least(1), default=1000,
                    help="largest chunk in characters (default: 1000)")
-    a.add_argument("--overlap", type=_non_negative, default=None,
+    a.add_argument("--overlap", type=int_at_least(0), default=None,
                    help="characters repeated between neighbouring chunks (default: chunk-chars/10)")
     a.add_argument("--embedder", choices=("minilm", "hashing"), default=None,
                    help="minilm (all-MiniLM-L6-v2, semantic) or hashing (lexical, no model); "
@@ -80,7 +62,7 @@ def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="show the best chunks for a query")
     s.add_argument("query")
     _store_flag(s)
-    s.add_argument("-k", type=_positive, default=5, help="how many chunks (default: 5)")
+    s.add_argument("-k", type=int_at_least(1), default=5, help="how many chunks (default: 5)")
     s.add_argument("--mode", choices=MODES, default="hybrid", help="default: hybrid")
     s.set_defaults(func=_search)
     t = sub.add_parser("stats", help="count the store's chunks and say what embedded them")
@@ -185,14 +167,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None, *, embedder: Any = None) -> int:
     """``assist index ...`` on its own; ``embedder`` overrides the store's (for tests)."""
-    from assist.cli import _Parser
-
-    parser = _Parser(prog="assist")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_index_parser(sub)
-    args = parser.parse_args(argv)
-    args.embedder_override = embedder
-    return int(args.func(args))
+    return standalone(add_index_parser, argv, embedder_override=embedder)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from assist._protocol import ChatModel, Messages
 from assist.types import ChatCompletion
 from evals._config import EvalError
 from evals.tasks import Sample, Task
+from strategies._base import nodes, with_fields
 
 __all__ = ["SAMPLES", "Record", "evaluate", "length_warning", "nodes", "parse_strategies",
            "pending", "prepare_strategies", "read_records", "seeded", "with_fields"]
@@ -57,34 +57,6 @@ def parse_strategies(specs: Sequence[str]) -> dict[str, Any]:
             raise
         except ValueError as exc:  # a factory's own check, e.g. rag's missing store file
             raise EvalError(f"strategy {spec!r}: {exc}") from exc
-    return out
-
-
-def nodes(strategy: Any) -> Iterator[Any]:
-    """A strategy and the strategies it wraps (``sc@8(tools)`` → sc, tools)."""
-    while strategy is not None:
-        yield strategy
-        strategy = getattr(strategy, "inner", None)
-
-
-def with_fields(strategy: Any, pick: Callable[[Any], dict[str, Any]]) -> Any:
-    """A copy of ``strategy`` whose nodes get the fields ``pick(node)`` returns, where the
-    node has them; nodes that change nothing are shared, not copied. The spec is kept."""
-    changes = dict(pick(strategy))
-    inner = getattr(strategy, "inner", None)
-    if inner is not None:
-        new_inner = with_fields(inner, pick)
-        if new_inner is not inner:
-            changes["inner"] = new_inner
-    if not dataclasses.is_dataclass(strategy) or isinstance(strategy, type):
-        return strategy
-    names = {f.name for f in dataclasses.fields(strategy) if f.init}
-    changes = {k: v for k, v in changes.items() if k in names}
-    if not changes:
-        return strategy
-    spec = getattr(strategy, "spec", "")
-    out: Any = dataclasses.replace(strategy, **changes)  # type: ignore[type-var]
-    out.spec = spec  # parse() sets the spec on the instance; replace() would drop it
     return out
 
 

@@ -9,15 +9,16 @@ for a call, and the endpoint and the eval harness report the same totals.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from assist._protocol import ChatModel, Messages
 from assist.types import ChatCompletion, Message, Usage
 
-__all__ = ["BudgetExhausted", "Cost", "Recorder", "Result", "Strategy", "StrategyBase"]
+__all__ = ["BudgetExhausted", "Cost", "Recorder", "Result", "Strategy", "StrategyBase", "nodes", "with_fields"]
 
 
 class BudgetExhausted(Exception):
@@ -178,4 +179,32 @@ def with_suffix(messages: Sequence[Mapping[str, Any]], suffix: str) -> list[dict
             if not content.rstrip().endswith(suffix):
                 m["content"] = f"{content.rstrip()} {suffix}".strip()
             break
+    return out
+
+
+def nodes(strategy: Any) -> Iterator[Any]:
+    """A strategy and the strategies it wraps (``sc@8(tools)`` → sc, tools)."""
+    while strategy is not None:
+        yield strategy
+        strategy = getattr(strategy, "inner", None)
+
+
+def with_fields(strategy: Any, pick: Callable[[Any], dict[str, Any]]) -> Any:
+    """A copy of ``strategy`` whose nodes get the fields ``pick(node)`` returns, where the
+    node has them; nodes that change nothing are shared, not copied. The spec is kept."""
+    changes = dict(pick(strategy))
+    inner = getattr(strategy, "inner", None)
+    if inner is not None:
+        new_inner = with_fields(inner, pick)
+        if new_inner is not inner:
+            changes["inner"] = new_inner
+    if not dataclasses.is_dataclass(strategy) or isinstance(strategy, type):
+        return strategy
+    names = {f.name for f in dataclasses.fields(strategy) if f.init}
+    changes = {k: v for k, v in changes.items() if k in names}
+    if not changes:
+        return strategy
+    spec = getattr(strategy, "spec", "")
+    out: Any = dataclasses.replace(strategy, **changes)  # type: ignore[type-var]
+    out.spec = spec  # parse() sets the spec on the instance; replace() would drop it
     return out

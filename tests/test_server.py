@@ -21,6 +21,7 @@ import strategies
 from assist.engine import TorchEngine
 from assist.server import EngineBackend, create_app
 from assist.testing import running_server
+from strategies._base import with_fields
 
 CALC = {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
                                         "parameters": {"type": "object", "properties": {"expression": {"type": "string", "maxLength": 12}},
@@ -139,7 +140,8 @@ def test_unknown_fields_are_ignored(base_url):
 def test_strategy_in_model_name_counts_every_call(client, engine):
     spec = "sc@3:seed=5"
     resp = client.chat.completions.create(model=f"{spec}::assistant", messages=_user(), max_tokens=30)
-    local = strategies.parse(spec).run_sync(engine, _user())
+    # the request's max_tokens caps every call the strategy makes
+    local = with_fields(strategies.parse(spec), lambda node: {"max_tokens": 30}).run_sync(engine, _user())
     assert resp.choices[0].message.content == local.text
     assert resp.usage.prompt_tokens == local.usage.prompt_tokens
     assert resp.usage.completion_tokens == local.usage.completion_tokens

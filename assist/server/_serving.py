@@ -158,8 +158,21 @@ class Serving:
 
     # -- strategies -------------------------------------------------------------------------
     async def _run_strategy(self, strategy: Any, req: ChatRequest, name: str) -> dict[str, Any]:
+        """The strategy keeps its own sampling (from its spec); the request's ``max_tokens``
+        caps each of its calls and its ``seed`` seeds it (choice i: seed + i)."""
+        from strategies._base import with_fields
+
         messages = [m.to_dict() for m in req.messages]
-        results = await asyncio.gather(*(strategy.run(self.backend.model, messages) for _ in range(req.n)))
+
+        def configured(i: int) -> Any:
+            changes: dict[str, Any] = {}
+            if req.limit is not None:
+                changes["max_tokens"] = req.limit
+            if req.seed is not None:
+                changes["seed"] = req.seed + i
+            return with_fields(strategy, lambda node: changes) if changes else strategy
+
+        results = await asyncio.gather(*(configured(i).run(self.backend.model, messages) for i in range(req.n)))
         choices, usage, calls = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, 0
         for i, result in enumerate(results):
             message = result.message.model_dump(exclude_none=True)

@@ -185,12 +185,20 @@ def throughput(url: str, model: str, tokens: int, c: int = 64, total: int = 256)
     bodies = [{"model": model, "messages": m, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
               for m in _questions(total)]
 
+    failures = 0
+
     async def run() -> tuple[float, int]:
         gate = asyncio.Semaphore(c)
         async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
             async def one(body: dict[str, Any]) -> int:
+                nonlocal failures
                 async with gate:
-                    r = await client.post(url + "/v1/chat/completions", json=body)
+                    for _ in range(3):  # a dropped keep-alive connection is retried, and counted
+                        try:
+                            r = await client.post(url + "/v1/chat/completions", json=body)
+                            break
+                        except httpx.TransportError:
+                            failures += 1
                     r.raise_for_status()
                     return int(r.json()["usage"]["completion_tokens"])
 
@@ -203,6 +211,8 @@ def throughput(url: str, model: str, tokens: int, c: int = 64, total: int = 256)
     for _ in range(2):
         wall, generated = asyncio.run(run())
         best = max(best, generated / wall)
+    if failures:
+        print(f"  {url}: {failures} request(s) retried after a transport error", flush=True)
     return best
 
 

@@ -168,6 +168,7 @@ def run(cfg: DemoConfig) -> int:
               file=sys.stderr)
         return 2
     ev = cfg.run / "eval"
+    t0 = time.perf_counter()
     common = ["--model", str(model), "--limit", str(cfg.limit), "--concurrency", str(cfg.concurrency), "--resume"]
     console.rule("[bold]1/4 strategies on arith")
     _eval("run", "--task", "arith", "--strategies", ARITH, "--out", str(ev / "arith"), *common)
@@ -181,6 +182,10 @@ def run(cfg: DemoConfig) -> int:
         _eval("diversity", "--models", ",".join(str(cfg.run / s) for s in ("base", "sft", "rlhf")),
               "--out", str(ev / "diversity"))
     path = write_report(cfg, [ev / "arith", ev / "arith-curve"], ev / "facts", ev / "diversity")
+    timing = ev / "demo_timing.json"  # the last full pass (a resumed pass that did nothing is quick)
+    (ev / "demo_last_pass.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0}) + "\n")
+    if not timing.is_file():
+        timing.write_text(json.dumps({"first_pass_wall_s": time.perf_counter() - t0}) + "\n")
     console.print(f"[bold green]wrote {path}[/bold green]")
     return 0
 

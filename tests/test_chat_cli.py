@@ -57,6 +57,9 @@ class Terminal:
         if self.pid == 0:  # the child: nothing but exec (we are a copy of pytest)
             try:
                 os.chdir(REPO)
+                # A runner that started us in the background (SIGINT ignored) must not take
+                # Ctrl-C away from the chat: a terminal delivers it, Python must see it.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execve(argv[0], list(argv), env)
             finally:
                 os._exit(127)
@@ -222,7 +225,15 @@ def test_streamed_deltas_reach_the_screen_as_they_arrive() -> None:
     assert asked[0][1:] == (0.3, 9)
 
 
-def test_ctrl_c_cancels_the_answer_and_the_chat_goes_on() -> None:
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    """SIGINT as in a terminal, whatever the runner did to it (a backgrounded job ignores it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_cancels_the_answer_and_the_chat_goes_on(default_sigint: None) -> None:
     closed: list[bool] = []
 
     async def stream(messages: list[dict[str, Any]], temperature: float,

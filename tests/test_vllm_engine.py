@@ -52,7 +52,11 @@ BOUNDED_CALCULATOR = {"type": "function", "function": {
 # spawns a grandchild and never serves), prints "pgid watchdog_pid", then waits in
 # wait_ready() or idles in time.sleep() (then only atexit/finalize can clean up).
 OWNER = textwrap.dedent("""
-    import importlib.util, sys, time
+    import importlib.util, signal, sys, time
+
+    # Ctrl-C must reach the owner even when the test runner runs in the background, where
+    # SIGINT is inherited as ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     # The module alone, not through the assist.engine package, whose __init__ imports torch
     # and transformers (~7 s of CPU for each owner); it needs only assist's light core.

@@ -40,6 +40,7 @@ TEMPERATURES = (0.3, 0.5, 0.7, 1.0)
 
 async def _run(model: Any, task: Any, specs: list[str], items: list, out: Path, run: Path,
                concurrency: int = 16) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         ready = prepare_strategies(parse_strategies(specs), task, out=out, stack=stack,
                                    model_path=run / "rlhf", embedder="auto")

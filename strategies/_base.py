@@ -18,7 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 from assist._protocol import ChatModel, Messages
 from assist.types import ChatCompletion, Message, Usage
 
-__all__ = ["BudgetExhausted", "Cost", "Recorder", "Result", "Strategy", "StrategyBase", "nodes", "with_fields"]
+__all__ = ["BudgetExhausted", "Cost", "Recorder", "Result", "Strategy", "StrategyBase", "nodes", "replaced",
+           "with_fields"]
 
 
 class BudgetExhausted(Exception):
@@ -198,6 +199,12 @@ def with_fields(strategy: Any, pick: Callable[[Any], dict[str, Any]]) -> Any:
         new_inner = with_fields(inner, pick)
         if new_inner is not inner:
             changes["inner"] = new_inner
+    return replaced(strategy, **changes)
+
+
+def replaced(strategy: Any, **changes: Any) -> Any:
+    """A copy of this one node with the ``changes`` it has fields for (the node itself when
+    none apply); the spec is kept."""
     if not dataclasses.is_dataclass(strategy) or isinstance(strategy, type):
         return strategy
     names = {f.name for f in dataclasses.fields(strategy) if f.init}

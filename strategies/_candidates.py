@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 from assist._protocol import ChatModel, Messages
 from assist.types import Choice
+from strategies._base import replaced
 
 __all__ = ["attempt", "diversify", "sample_choices"]
 
@@ -25,20 +25,10 @@ async def sample_choices(model: ChatModel, prompt: Messages, k: int, *, seed: in
 
 def attempt(inner: Any, seed: int | None) -> Any:
     """A copy of ``inner`` seeded for one attempt (so k attempts differ, reproducibly)."""
-    if seed is None or not dataclasses.is_dataclass(inner) or not hasattr(inner, "seed"):
-        return inner
-    spec = inner.spec
-    out = dataclasses.replace(inner, seed=seed)
-    out.spec = spec
-    return out
+    return inner if seed is None else replaced(inner, seed=seed)
 
 
 def diversify(inner: Any, temperature: float) -> Any:
     """The inner strategy sampling at ``temperature`` (attempts of a greedy inner strategy
     would all be the same), keeping its spec."""
-    if inner is None or not dataclasses.is_dataclass(inner) or not hasattr(inner, "temperature"):
-        return inner
-    spec = inner.spec
-    out = dataclasses.replace(inner, temperature=temperature)
-    out.spec = spec
-    return out
+    return replaced(inner, temperature=temperature)

@@ -344,26 +344,10 @@ class VLLMEngine:
         self.server = VLLMServer(path, **server_options).start()
         self.name = self.server.served_model_name
         self.context_length: int | None = self.server.max_model_len
-        self._api_timeout, self._max_retries = api_timeout, max_retries
-        self._remote: RemoteChatModel | None = None
-        self._remote_loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def remote(self) -> RemoteChatModel:
-        """The HTTP client for the running event loop: one per loop, because httpx pools
-        connections bound to the loop that opened them (a client carried into the next
-        ``asyncio.run`` fails with "Event loop is closed"; the torch engine has no such limit).
-        """
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if self._remote is None or (loop is not None and loop is not self._remote_loop):
-            # The old client's connections die with their loop; the server closes them too.
-            self._remote = RemoteChatModel(self.server.base_url, self.server.served_model_name,
-                                           timeout=self._api_timeout, max_retries=self._max_retries)
-            self._remote_loop = loop
-        return self._remote
+        # RemoteChatModel keeps one connection pool per event loop, so this one client serves
+        # every ``asyncio.run`` a script makes.
+        self.remote = RemoteChatModel(self.server.base_url, self.server.served_model_name,
+                                      timeout=api_timeout, max_retries=max_retries)
 
     async def chat(
         self, messages: Messages, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
@@ -378,13 +362,10 @@ class VLLMEngine:
             logprobs=logprobs, **extra)
 
     async def aclose(self) -> None:
-        remote, self._remote = self._remote, None
-        if remote is not None and self._remote_loop is asyncio.get_running_loop():
-            await remote.aclose()
+        await self.remote.aclose()
         await asyncio.to_thread(self.server.close)
 
     def close(self) -> None:  # the HTTP client's connections end with the server
-        self._remote = None
         self.server.close()
 
     def __enter__(self) -> VLLMEngine:

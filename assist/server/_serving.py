@@ -124,16 +124,8 @@ class Serving:
             else:
                 source = self.backend.stream_chat(req)
             return await self._sse(source, name)
-        try:
-            if strategy is not None:
-                body = await self._guarded(request, self._run_strategy(strategy, req, name))
-            else:
-                body = await self._guarded(request, self.backend.chat(req))
-        finally:
-            self._release()
-        body["model"] = name
-        self.metrics.count_usage(body.get("usage"))
-        return body
+        work = self._run_strategy(strategy, req, name) if strategy is not None else self.backend.chat(req)
+        return await self._answer(request, work, name)
 
     async def complete(self, req: CompletionRequest, request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
         name, strategy = self.route(req.model, req.strategy)
@@ -142,8 +134,13 @@ class Serving:
         self._admit()
         if req.stream:
             return await self._sse(self.backend.stream_complete(req), name)
+        return await self._answer(request, self.backend.complete(req), name)
+
+    async def _answer(self, request: Request, work: Awaitable[dict[str, Any]], name: str) -> dict[str, Any]:
+        """A whole (non-streamed) answer: run it until done or the client leaves, release the
+        admission slot, name the model as the client asked for it, count its tokens."""
         try:
-            body = await self._guarded(request, self.backend.complete(req))
+            body = await self._guarded(request, work)
         finally:
             self._release()
         body["model"] = name

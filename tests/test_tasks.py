@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 
@@ -16,6 +18,7 @@ from evals.tasks import (
     gsm8k_task,
     normalize,
 )
+from evals.tasks.arith import orders, solution_in_order
 from strategies._extract import final_line
 
 
@@ -37,7 +40,7 @@ def test_arith_solutions_follow_gsm8k_format_and_score_correct():
         assert lines[-1] == f"#### {sample.answer}"
         assert sample.question.startswith(lines[0])  # the start restated
         steps = lines[1:-1]
-        assert 2 <= len(steps) <= 4
+        assert len(steps) == 3
         for line in steps:
             sentence, _, calc = line.partition(": ")
             assert sentence in sample.question  # each step restates its sentence
@@ -45,7 +48,30 @@ def test_arith_solutions_follow_gsm8k_format_and_score_correct():
             assert rest.startswith(expr + "=")
         score = task.score(sample, sample.solution)
         assert score.correct and score.value == 1.0
-        assert 0 <= int(sample.answer) <= 30
+        assert 0 <= int(sample.answer) <= 999
+        assert all(10 <= b <= 99 for _, b in sample.metadata["changes"])  # multi-digit operands
+
+
+def test_arith_changes_commute_and_every_order_is_a_right_solution():
+    task = ArithTask()
+    for sample in task.split("test", 100):
+        all_orders = orders(sample)
+        assert len(all_orders) == 6
+        texts = {solution_in_order(sample, o) for o in all_orders}
+        assert len(texts) == len(set(map(tuple, all_orders)))  # each order writes other numbers
+        for text in texts:
+            assert task.score(sample, text).correct
+            values = [int(v) for v in re.findall(r">>(\d+)", text)]
+            assert all(0 <= v <= 999 for v in values)  # no order leaves the range
+        first_lines = {solution_in_order(sample, o).splitlines()[1] for o in all_orders}
+        assert len(first_lines) == 3  # three different first steps
+
+
+def test_arith_with_multiplication_keeps_the_question_order():
+    task = ArithTask(ArithConfig(min_operand=1, max_operand=20, max_value=100, ops=("+", "-", "*")))
+    for sample in task.split("test", 50):
+        assert orders(sample) == [(0, 1, 2)]
+        assert solution_in_order(sample, (0, 1, 2)) == sample.solution
 
 
 def test_arith_partial_credit_ranks_wrong_answers_below_correct():
@@ -59,18 +85,21 @@ def test_arith_partial_credit_ranks_wrong_answers_below_correct():
 
 
 def test_arith_knobs_make_harder_problems():
-    hard = ArithTask(ArithConfig(min_steps=4, max_steps=4, max_operand=20, max_value=100, ops=("+", "-", "*")))
+    hard = ArithTask(ArithConfig(min_steps=4, max_steps=4, min_operand=1, max_operand=20, max_value=100,
+                                 ops=("+", "-", "*")))
     samples = hard.split("test", 100)
     assert all(len(s.metadata["steps"]) == 4 for s in samples)
     assert any(op == "*" for s in samples for _, op, _ in s.metadata["steps"])
     assert max(int(s.answer) for s in samples) > 30
+    easy = ArithTask(ArithConfig(min_steps=2, max_steps=2, min_operand=1, max_operand=9, max_value=30))
+    assert all(int(s.answer) <= 30 and len(s.metadata["steps"]) == 2 for s in easy.split("test", 100))
     with pytest.raises(ValueError, match="min_steps"):
         ArithConfig(min_steps=3, max_steps=2)
 
 
 def test_facts_world_seen_unseen_and_splits():
     task = FactsTask()
-    assert len(task.entities) >= 500
+    assert len(task.entities) >= 300
     assert len({e.name for e in task.entities}) == len(task.entities)
     seen = {e.id for e in task.entities if e.seen}
     assert 0 < len(seen) < len(task.entities)
@@ -82,6 +111,30 @@ def test_facts_world_seen_unseen_and_splits():
     for s in test[:100]:
         assert s.answer in task.passage(task.entity(s.metadata["entity"]))
         assert task.score(s, task.answer_with_citation(s)).correct
+
+
+def test_facts_seen_test_split_is_large_enough_for_claims():
+    test = FactsTask().split("test")
+    assert sum(s.metadata["seen"] for s in test) >= 200
+    assert sum(not s.metadata["seen"] for s in test) >= 200
+
+
+def test_facts_practice_kingdoms_never_touch_the_world():
+    task = FactsTask()
+    world_words = {getattr(e, a) for e in task.entities for a in ("name", "capital", "language", "currency")}
+    world_ids = {e.id for e in task.entities}
+    rng = random.Random(0)
+    practice = [task.practice(rng) for _ in range(2000)]
+    for e in practice:
+        assert e.id not in world_ids and not e.seen
+        assert not {e.name, e.capital, e.language, e.currency} & world_words
+    # a fresh wording still states every fact, and differs between draws
+    entity = task.entities[0]
+    wordings = {task.passage(entity, rng) for _ in range(20)}
+    assert len(wordings) > 1
+    for text in wordings:
+        assert all(entity.value(a) in text for a in ("capital", "language", "currency", "founded"))
+    assert task.passage(entity) == task.passage(entity)  # the canonical wording is stable
 
 
 def test_extractors_follow_lm_eval_normalisation():

@@ -1,19 +1,32 @@
 """``arith``: GSM8K-style word problems, generated.
 
-A problem is a chain of 2–4 steps over small operands, each step opening with a fixed
-marker ("Mia has 5 apples. First Mia buys 3 more. Then Mia gives away 4. ..."). The ideal
-solution restates each step and computes it with GSM8K's calculator annotation, ending in
-``#### N``::
+A problem is a chain of changes to a starting amount, each opening with a fixed marker
+("Mia has 347 apples. First Mia buys 258 more. Then Mia gives away 129. ..."). The ideal
+solution restates each change and computes it with GSM8K's calculator annotation, ending
+in ``#### N``::
 
-    Mia has 5 apples.
-    First Mia buys 3 more: 5+3=<<5+3=8>>8
-    Then Mia gives away 4: 8-4=<<8-4=4>>4
-    #### 4
+    Mia has 347 apples.
+    First Mia buys 258 more: 347+258=<<347+258=605>>605
+    Then Mia gives away 129: 605-129=<<605-129=476>>476
+    #### 476
 
-Single-digit facts are memorisable by a model of about a million parameters, yet chaining
-them makes errors stochastic: the regime where voting, tools and reflection help. The knobs
-(``min_steps``/``max_steps``, ``max_operand``, ``max_value``, ``ops``) make harder variants
-for a GPU.
+Why this shape (each inference-time strategy meets the failure it fixes):
+
+- Operands have two digits, amounts three. A model of about a million parameters copies them
+  reliably (the restated sentence puts each operand beside the arithmetic that uses it)
+  but adds and subtracts multi-digit numbers in its head only some of the time: a
+  calculator fixes exactly that (``tools``), and ``direct`` (the whole chain in one token
+  position) barely works.
+- With only ``+`` and ``-`` the changes commute: every order keeps the amount within
+  ``0..max_value``, and training solutions apply them in a random order
+  (:func:`solution_in_order`). Each order meets different intermediate numbers, so its
+  slips differ: sampled paths disagree on wrong answers and agree on the right one, which
+  is what self-consistency votes over and what reflection's "solve it again another way"
+  checks against.
+
+The knobs (``min_steps``/``max_steps``, ``min_operand``/``max_operand``, ``max_value``,
+``ops``) make other variants; with ``*`` the changes no longer commute and solutions keep
+the question's order.
 """
 
 from __future__ import annotations
@@ -21,14 +34,17 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 from evals.tasks._base import Sample, Score, Split, Task, check_split
 from strategies._extract import gsm8k_strict, normalize
 
-__all__ = ["ArithConfig", "ArithTask", "Step"]
+__all__ = [
+    "ArithConfig", "ArithTask", "Step", "chain", "orders", "parse_steps", "random_solution",
+    "solution_in_order", "solution_text",
+]
 
 _NAMES = (
     "Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eli", "Ana",
@@ -82,10 +98,11 @@ class Step:
 class ArithConfig:
     """Difficulty knobs. The defaults suit the CPU ``tiny`` preset."""
 
-    min_steps: int = 2
-    max_steps: int = 4
-    max_operand: int = 9  # operands of + and - are in 1..max_operand; the start too
-    max_value: int = 30  # every intermediate result stays in 0..max_value
+    min_steps: int = 3
+    max_steps: int = 3
+    min_operand: int = 10  # operands of + and - are in min_operand..max_operand
+    max_operand: int = 99
+    max_value: int = 999  # the start and every intermediate amount, in any order, stay in 0..max_value
     ops: tuple[str, ...] = ("+", "-")
     max_factor: int = 3  # operand of * (only when "*" is in ops)
     test_size: int = 1000
@@ -95,26 +112,63 @@ class ArithConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError("arith: need 1 <= min_steps <= max_steps")
-        if self.max_operand < 1 or self.max_value < self.max_operand:
-            raise ValueError("arith: need 1 <= max_operand <= max_value")
+        if not 1 <= self.min_operand <= self.max_operand <= self.max_value:
+            raise ValueError("arith: need 1 <= min_operand <= max_operand <= max_value")
         if not set(self.ops) <= set(_PHRASES) or not self.ops:
             raise ValueError(f"arith: ops must be a non-empty subset of {sorted(_PHRASES)}")
 
+    @property
+    def commutes(self) -> bool:
+        """Whether solutions may apply the changes in any order."""
+        return "*" not in self.ops
 
-def solution_text(sentences: list[str], steps: list[Step], written: list[int] | None = None) -> str:
+
+def solution_text(sentences: Sequence[str], steps: Sequence[Step], written: Sequence[int] | None = None,
+                  order: Sequence[int] | None = None) -> str:
     """The worked solution: each step's sentence restated, then its computation.
 
     Restating the sentence puts each operand right beside the arithmetic that uses it
     ("Mia buys 3 more: 5+3=<<5+3=8>>8"), so a small model copies locally instead of
-    counting sentences back in the question. ``written`` overrides the results written
-    (for deliberately flawed attempts); later steps then start from the written value.
+    counting sentences back in the question. ``steps[i]`` computes the change of sentence
+    ``order[i] + 1`` (default: question order). ``written`` overrides the results written
+    (for deliberately flawed attempts); the caller chains later steps from them.
     """
-    results = written or [s.result for s in steps]
+    order = list(order) if order is not None else list(range(len(steps)))
+    results = list(written) if written is not None else [s.result for s in steps]
     lines = [sentences[0]]
-    for sentence, step, result in zip(sentences[1:], steps, results, strict=False):
+    for j, step, result in zip(order, steps, results, strict=True):
         e = step.expression
-        lines.append(f"{sentence.rstrip('.')}: {e}=<<{e}={result}>>{result}")
+        lines.append(f"{sentences[j + 1].rstrip('.')}: {e}=<<{e}={result}>>{result}")
     return "\n".join(lines) + f"\n#### {results[-1]}"
+
+
+def chain(start: int, changes: Sequence[tuple[str, int]], order: Sequence[int]) -> list[Step]:
+    """The steps that apply ``changes`` to ``start`` in ``order``."""
+    steps, value = [], start
+    for j in order:
+        op, b = changes[j]
+        steps.append(Step(value, op, b))
+        value = steps[-1].result
+    return steps
+
+
+def orders(sample: Sample) -> list[tuple[int, ...]]:
+    """Every order in which a sample's changes may be applied (one unless they commute)."""
+    n = len(sample.metadata["changes"])
+    return list(itertools.permutations(range(n))) if sample.metadata.get("commutes", False) \
+        else [tuple(range(n))]
+
+
+def solution_in_order(sample: Sample, order: Sequence[int]) -> str:
+    """The ideal solution applying the changes in ``order``."""
+    changes = [tuple(c) for c in sample.metadata["changes"]]
+    steps = chain(sample.metadata["start"], changes, order)
+    return solution_text(sample.metadata["sentences"], steps, order=order)
+
+
+def random_solution(sample: Sample, rng: random.Random) -> str:
+    """An ideal solution in one of the sample's orders, drawn uniformly."""
+    return solution_in_order(sample, rng.choice(orders(sample)))
 
 
 class ArithTask(Task):
@@ -143,39 +197,54 @@ class ArithTask(Task):
         return Score(round(value, 4), False, extracted)
 
     # -- generation -------------------------------------------------------------------
-    def _steps(self, rng: random.Random) -> list[Step]:
+    def _changes(self, rng: random.Random) -> tuple[int, list[tuple[str, int]]] | None:
+        """A start and its changes such that every order stays in 0..max_value, or None."""
         c = self.config
         n_steps = rng.randint(c.min_steps, c.max_steps)
-        value = rng.randint(1, c.max_operand)
-        steps: list[Step] = []
-        while len(steps) < n_steps:
+        if not c.commutes:
+            return self._ordered_changes(rng, n_steps)
+        ops = [rng.choice(c.ops) for _ in range(n_steps)]
+        changes = [(op, rng.randint(c.min_operand, c.max_operand)) for op in ops]
+        down = sum(b for op, b in changes if op == "-")
+        up = sum(b for op, b in changes if op == "+")
+        lo, hi = max(c.min_operand, down), c.max_value - up
+        if lo > hi:
+            return None
+        return rng.randint(lo, hi), changes
+
+    def _ordered_changes(self, rng: random.Random, n_steps: int) -> tuple[int, list[tuple[str, int]]] | None:
+        c = self.config
+        start = value = rng.randint(c.min_operand, c.max_operand)
+        changes: list[tuple[str, int]] = []
+        for _ in range(100 * n_steps):
+            if len(changes) == n_steps:
+                break
             op = rng.choice(c.ops)
-            if op == "+":
-                hi = min(c.max_operand, c.max_value - value)
-                if hi < 1:
-                    continue
-                b = rng.randint(1, hi)
-            elif op == "-":
-                hi = min(c.max_operand, value)
-                if hi < 1:
-                    continue
-                b = rng.randint(1, hi)
-            else:
+            if op == "*":
                 hi = min(c.max_factor, c.max_value // max(value, 1))
                 if hi < 2:
                     continue
                 b = rng.randint(2, hi)
-            step = Step(value, op, b)
-            steps.append(step)
-            value = step.result
-        return steps
+            else:
+                room = c.max_value - value if op == "+" else value
+                hi = min(c.max_operand, room)
+                if hi < c.min_operand:
+                    continue
+                b = rng.randint(c.min_operand, hi)
+            changes.append((op, b))
+            value = Step(value, op, b).result
+        return (start, changes) if len(changes) == n_steps else None
 
     def _make(self, rng: random.Random, sid: str) -> Sample:
-        steps = self._steps(rng)
+        made = None
+        while made is None:
+            made = self._changes(rng)
+        start, changes = made
+        steps = chain(start, changes, range(len(changes)))
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        sentences = [f"{name} has {steps[0].a} {item}."]
-        for i, step in enumerate(steps):
-            phrase = rng.choice(_PHRASES[step.op]).format(n=step.b)
+        sentences = [f"{name} has {start} {item}."]
+        for i, (op, b) in enumerate(changes):
+            phrase = rng.choice(_PHRASES[op]).format(n=b)
             lead = f"{_MARKERS[min(i, len(_MARKERS) - 1)]} {name}"
             sentences.append(f"{lead} {phrase}.")
         sentences.append(f"How many {item} does {name} have now?")
@@ -185,7 +254,8 @@ class ArithTask(Task):
             answer=str(steps[-1].result),
             solution=solution_text(sentences, steps),
             metadata={"steps": [(s.a, s.op, s.b) for s in steps], "name": name, "item": item,
-                      "sentences": sentences[:-1]},
+                      "sentences": sentences[:-1], "start": start,
+                      "changes": [list(ch) for ch in changes], "commutes": self.config.commutes},
         )
 
     @cached_property
@@ -234,5 +304,5 @@ class ArithTask(Task):
 
 
 def parse_steps(sample: Sample) -> list[Step]:
-    """The steps of a generated sample (for building tool and reflection turns)."""
+    """The steps of a generated sample in question order (for tool and reflection turns)."""
     return [Step(a, op, b) for a, op, b in sample.metadata["steps"]]

@@ -4,10 +4,14 @@ The knowledge base holds ``n_entities`` kingdoms, each with a capital, a languag
 currency and a founding year, all invented (so no real model knows them either). Each
 kingdom is rendered as a short encyclopedia passage with a stable id (``kb-17``).
 
-Only the *seen* part of the world appears in pretraining text; the *unseen* part exists
-only in the passages, so a model can answer it only with retrieval. That split is how
-retrieval augmentation is measured: closed-book on unseen facts is chance, open-book is
-reading comprehension.
+Only the *seen* part of the world appears in pretraining text (each exposure worded
+afresh, :meth:`FactsTask.passage` with an ``rng``, so the facts are stored as facts and not
+as one memorised string); the *unseen* part exists only in the passages, so a model can
+answer it only with retrieval. That split is how retrieval augmentation is measured:
+closed-book on unseen facts is chance, open-book is reading comprehension. Reading is
+taught on *practice* kingdoms (:meth:`FactsTask.practice`), drawn fresh for every
+conversation and never part of the world, so the model cannot answer them from memory and
+must copy from the passage.
 
 Splits: each seen (kingdom, attribute) pair is either a train or a test question, never
 both; every unseen pair is a test question; validation is drawn from seen-train kingdoms'
@@ -66,9 +70,9 @@ class Entity:
 
 @dataclass(frozen=True)
 class FactsConfig:
-    n_entities: int = 600
+    n_entities: int = 300
     seen_fraction: float = 0.5
-    test_fraction: float = 0.25  # of each seen kingdom's attributes held out for test
+    test_fraction: float = 0.35  # of each seen kingdom's attributes held out for test
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -91,38 +95,59 @@ class FactsTask(Task):
     @cached_property
     def entities(self) -> list[Entity]:
         rng = random.Random(f"facts:{self.config.seed}:world")
-        used: set[str] = set()
-
-        def word(syllables: int) -> str:
-            while True:
-                w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                            for _ in range(syllables)).capitalize()
-                if w not in used and len(w) >= 4:
-                    used.add(w)
-                    return w
-
+        self._used: set[str] = set()
         n = self.config.n_entities
         seen_ids = set(rng.sample(range(n), round(n * self.config.seen_fraction)))
-        out = []
-        for i in range(n):
-            out.append(Entity(
-                id=f"kb-{i}",
-                name=word(rng.choice((2, 3))),
-                capital=word(2),
-                language=word(2) + rng.choice(("ic", "ish", "ese", "an")),
-                currency=word(1).lower() + rng.choice(("a", "o", "el", "ar")),
-                founded=str(rng.randint(300, 1899)),
-                seen=i in seen_ids,
-            ))
-        return out
+        return [self._entity(rng, f"kb-{i}", i in seen_ids) for i in range(n)]
+
+    def _word(self, rng: random.Random, syllables: int, reserve: bool) -> str:
+        """A new word: never one of the world's; ``reserve`` adds it to them."""
+        while True:
+            w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                        for _ in range(syllables)).capitalize()
+            if w not in self._used and len(w) >= 4:
+                if reserve:
+                    self._used.add(w)
+                return w
+
+    def _entity(self, rng: random.Random, id: str, seen: bool, reserve: bool = True) -> Entity:
+        def word(syllables: int) -> str:
+            return self._word(rng, syllables, reserve)
+
+        return Entity(
+            id=id,
+            name=word(rng.choice((2, 3))),
+            capital=word(2),
+            language=word(2) + rng.choice(("ic", "ish", "ese", "an")),
+            currency=word(1).lower() + rng.choice(("a", "o", "el", "ar")),
+            founded=str(rng.randint(300, 1899)),
+            seen=seen,
+        )
+
+    def practice(self, rng: random.Random) -> Entity:
+        """A fresh kingdom outside the world, for teaching reading from passages.
+
+        Its words never name anything in the world and its id lies past the world's, so no
+        practice fact can leak a test answer (practice kingdoms may share words with each
+        other: they are only ever read, never remembered).
+        """
+        self.entities  # noqa: B018 - the world's words are reserved first
+        return self._entity(rng, f"kb-{self.config.n_entities + rng.randrange(9000)}", seen=False,
+                            reserve=False)
 
     def entity(self, passage_id: str) -> Entity:
         return self.entities[int(passage_id.removeprefix("kb-"))]
 
-    def passage(self, entity: Entity) -> str:
-        rng = random.Random(f"facts:{self.config.seed}:passage:{entity.id}")
+    def passage(self, entity: Entity, rng: random.Random | None = None) -> str:
+        """The kingdom's encyclopedia passage: its canonical wording, or with ``rng`` a fresh
+        one (templates and the order of the facts drawn anew)."""
+        fresh = rng is not None
+        rng = rng or random.Random(f"facts:{self.config.seed}:passage:{entity.id}")
+        attributes = list(ATTRIBUTES)
+        if fresh:
+            rng.shuffle(attributes)
         parts = [f"{entity.name} is a kingdom."]
-        for attribute in ATTRIBUTES:
+        for attribute in attributes:
             template = rng.choice(_SENTENCES[attribute])
             parts.append(template.format(e=entity.name, v=entity.value(attribute)))
         return " ".join(parts)
@@ -132,6 +157,10 @@ class FactsTask(Task):
         return [(e.id, self.passage(e)) for e in self.entities if seen is None or e.seen == seen]
 
     # -- questions ---------------------------------------------------------------------
+    def question(self, entity: Entity, attribute: str, split: str = "practice") -> Sample:
+        """The question about one fact of any kingdom (world or practice)."""
+        return self._sample(entity, attribute, split)
+
     def _sample(self, entity: Entity, attribute: str, split: str) -> Sample:
         value = entity.value(attribute)
         return Sample(

@@ -135,7 +135,8 @@ def render_segments(
     """Render a conversation as (text, is_assistant_output) pieces.
 
     The assistant pieces are exactly what the model must learn to produce: the content,
-    any tool calls and the closing ``<|im_end|>`` (without it the model never stops).
+    any tool calls and the closing ``<|im_end|>`` (without it the model never stops). An
+    assistant message with ``"train": False`` is rendered the same but not marked.
     Joined, the pieces equal ``tokenizer.apply_chat_template(..., tokenize=False)``.
     """
     if not messages:
@@ -157,7 +158,8 @@ def render_segments(
             continue
         prefix, body, suffix = _message_text(message)
         if message["role"] == "assistant":
-            out += [(prefix, False), (body, True), (suffix, False)]
+            # A turn marked ``"train": False`` is context only (a deliberately flawed attempt).
+            out += [(prefix, False), (body, bool(message.get("train", True))), (suffix, False)]
         else:
             out.append((prefix + body + suffix, False))
     if add_generation_prompt:

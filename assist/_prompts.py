@@ -14,6 +14,8 @@ __all__ = [
     "COT_SUFFIX",
     "DIRECT_SUFFIX",
     "RAG_SYSTEM",
+    "REFLECT_AGAIN",
+    "REFLECT_DIFFER",
     "REFLECT_PROMPT",
     "REFLECT_STANDS",
     "CALCULATOR_TOOL",
@@ -29,6 +31,10 @@ DIRECT_SUFFIX = "Answer with the final line only."
 # sentence (the answer stands) or with a corrected solution.
 REFLECT_PROMPT = "Check your work step by step."
 REFLECT_STANDS = "The answer stands."
+# The assistant checks by solving again in another order; when the answers differ it
+# solves once more and that solution is the correction.
+REFLECT_AGAIN = "Solving it again in another order:"
+REFLECT_DIFFER = "The answers differ. Corrected:"
 
 RAG_SYSTEM = "Answer from the passages below and cite the passage id in brackets."
 

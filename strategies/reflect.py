@@ -1,8 +1,10 @@
 """``reflect@R``: attempt, ask the model to check its work, revise — up to R rounds.
 
 The exchange is the one the assistant was trained on: after its attempt the user says
-"Check your work step by step."; the check either ends with "The answer stands." (done) or
-shows the slip and a ``Corrected:`` solution, which becomes the next attempt. Other models
+"Check your work step by step."; the assistant checks by solving the problem again another
+way (our assistant: the changes in another order, so the check meets other numbers than
+the attempt did). Agreement ends with "The answer stands." (done); disagreement ends with
+a ``Corrected:`` solution, which becomes the next attempt. Other models
 get the same plain-English request; a reply without either marker that carries an answer
 counts as a revision. ``critic`` (Python) lets a different model do the checking; the
 attempt can come from an inner strategy (``reflect(rag)``, ``reflect(tools)``).

@@ -6,9 +6,10 @@ import pytest
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from assist import CHAT_TEMPLATE, render, render_segments
-from assist._prompts import CALCULATOR_TOOL
+from assist._prompts import CALCULATOR_TOOL, REFLECT_AGAIN, REFLECT_DIFFER, REFLECT_STANDS
 from evals.tasks import ArithTask, FactsTask
 from training import conversations
+from strategies.reflect import revision
 from training._model import IGNORE, encode_chat
 from training.tokenizer import train_tokenizer
 
@@ -56,18 +57,43 @@ def test_sft_labels_cover_assistant_text_and_its_end_of_turn(tokenizer):
         learned = tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
         expected = "".join(text for text, is_asst in render_segments(conv["messages"], conv["tools"]) if is_asst)
         assert learned == expected
-        n_turns = sum(m["role"] == "assistant" for m in conv["messages"])
+        n_turns = sum(m["role"] == "assistant" and m.get("train", True) for m in conv["messages"])
         assert sum(1 for t, lab in zip(ids, labels) if lab == im_end) == n_turns
         assert labels[0] == IGNORE  # the user's words are never a target
 
 
-def test_reflection_turns_correct_slips():
+def test_reflection_checks_by_solving_again_in_another_order():
     rng = random.Random(1)
-    sample = ArithTask().split("train", 1)[0]
-    texts = [conversations.arith_reflect(sample, rng)["messages"][3]["content"] for _ in range(40)]
-    assert any("wrong" in t and t.endswith(f"#### {sample.answer}") for t in texts)
-    assert any("The answer stands." in t for t in texts)
-    assert all(t.endswith(f"#### {sample.answer}") for t in texts if "wrong" in t)
+    task = ArithTask()
+    for sample in task.split("train", 20):
+        for _ in range(6):
+            messages = conversations.arith_reflect(sample, rng)["messages"]
+            attempt, check = messages[1], messages[3]["content"]
+            again = check.split("\n", 1)[1]
+            assert check.startswith(REFLECT_AGAIN)
+            # the re-solve starts with another step than the attempt, and is right
+            assert again.splitlines()[1] != attempt["content"].splitlines()[1]
+            assert task.score(sample, again.split(REFLECT_STANDS)[0].split(REFLECT_DIFFER)[0]).correct
+            slipped = not task.score(sample, attempt["content"]).correct
+            assert attempt.get("train", True) is not slipped  # a slip is context, never a target
+            if slipped:
+                corrected = check.split(REFLECT_DIFFER, 1)[1]
+                assert task.score(sample, corrected).correct
+                assert revision(check) == corrected.strip()
+            else:
+                assert REFLECT_STANDS in check and revision(check) is None
+
+
+def test_rag_conversations_read_practice_kingdoms_only():
+    facts = FactsTask()
+    world = {e.name for e in facts.entities}
+    rng = random.Random(2)
+    for _ in range(50):
+        conv = conversations.build("facts_rag", None, rng, facts)
+        system, question, answer = conv["messages"]
+        value = answer["content"].rsplit("#### ", 1)[1]
+        assert value in system["content"]  # the answer can be read from the context
+        assert not any(name in question["content"] for name in world)
 
 
 def test_render_rejects_empty_conversation():

@@ -3,15 +3,20 @@
 Each builder turns one task sample into a chat (OpenAI message dicts). The kinds mirror
 the inference-time strategies, so each strategy meets a behaviour the model was taught:
 
-- ``arith_cot``: the question, the step-by-step solution ending in ``#### N``.
+- ``arith_cot``: the question, the step-by-step solution ending in ``#### N``, applying
+  the changes in a random order (every order is right; see :mod:`evals.tasks.arith`).
 - ``arith_direct``: asked for the final line only, answers ``#### N``.
 - ``arith_tools``: calls the calculator once per step, reads each result from a tool
   message, then states ``#### N``.
-- ``arith_reflect``: an attempt (half of them with a slip), the user asks for a check, the
-  assistant re-derives each step and either says the answer stands or corrects it.
+- ``arith_reflect``: an attempt (half of them with a slip), the user asks for a check, and
+  the assistant solves the problem again *in another order* (the attempt's, rotated by
+  one). Agreement: the answer stands. Disagreement: a third order (rotated by two)
+  decides (``Corrected:``). A slipped attempt is shown
+  as context only (``"train": False``): the model is never taught to slip.
 - ``facts_closed``: a seen-world question answered from memory.
-- ``facts_rag``: the same with passages in the system message (the right one among
-  distractors), answered with a citation.
+- ``facts_rag``: passages in the system message (the right one among distractors) and a
+  question answered with a citation, about *practice* kingdoms that exist nowhere else,
+  so the answer can only be read from the passage.
 
 The prompt wording comes from :mod:`assist._prompts`, shared with the strategies.
 """
@@ -19,21 +24,24 @@ The prompt wording comes from :mod:`assist._prompts`, shared with the strategies
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from assist._prompts import (
     CALCULATOR_TOOL,
     COT_SUFFIX,
     DIRECT_SUFFIX,
+    REFLECT_AGAIN,
+    REFLECT_DIFFER,
     REFLECT_PROMPT,
     REFLECT_STANDS,
     Passage,
     render_passages,
 )
 from evals.tasks import ArithTask, FactsTask, Sample
-from evals.tasks.arith import Step, parse_steps, solution_text
+from evals.tasks.arith import chain, orders, parse_steps, random_solution, solution_in_order, solution_text
+from evals.tasks.facts import ATTRIBUTES
 
-__all__ = ["KINDS", "Conversation", "build", "stream"]
+__all__ = ["KINDS", "Conversation", "build", "rotate", "slipped_attempt", "stream"]
 
 Message = dict
 Conversation = dict  # {"messages": [...], "tools": [...] | None, "kind": str}
@@ -43,13 +51,15 @@ def _user(text: str) -> Message:
     return {"role": "user", "content": text}
 
 
-def _assistant(text: str) -> Message:
-    return {"role": "assistant", "content": text}
+def _assistant(text: str, train: bool = True) -> Message:
+    # "train": False marks a turn shown as context only (SFT puts no loss on it).
+    return {"role": "assistant", "content": text} if train else \
+        {"role": "assistant", "content": text, "train": False}
 
 
 def arith_cot(sample: Sample, rng: random.Random) -> Conversation:
     question = sample.question if rng.random() < 0.5 else f"{sample.question} {COT_SUFFIX}"
-    return {"messages": [_user(question), _assistant(sample.solution)]}
+    return {"messages": [_user(question), _assistant(random_solution(sample, rng))]}
 
 
 def arith_direct(sample: Sample, rng: random.Random) -> Conversation:
@@ -74,36 +84,59 @@ def arith_tools(sample: Sample, rng: random.Random) -> Conversation:
     return {"messages": messages, "tools": [CALCULATOR_TOOL]}
 
 
-def _attempt(steps: list[Step], rng: random.Random) -> list[tuple[Step, int]]:
-    """The chain as (step, written result); half the time one result slips and is carried."""
-    slip = rng.randrange(len(steps)) if rng.random() < 0.5 else -1
-    out: list[tuple[Step, int]] = []
-    value = steps[0].a
+# The slips a model makes adding in its head: a dropped or extra carry, a digit off by one.
+_SLIPS = (-100, 100, -10, 10, -1, 1, -20, 20, -2, 2)
+
+
+def slipped_attempt(sample: Sample, order: Sequence[int], rng: random.Random) -> str:
+    """A solution in ``order`` with one result written wrong and carried on from there."""
+    changes = [tuple(c) for c in sample.metadata["changes"]]
+    steps = chain(sample.metadata["start"], changes, order)
+    at = rng.randrange(len(steps))
+    value, written, redone = sample.metadata["start"], [], []
     for i, step in enumerate(steps):
-        s = Step(value, step.op, step.b)
-        written = s.result + (rng.choice((-2, -1, 1, 2)) if i == slip else 0)
-        out.append((s, written))
-        value = written
-    return out
+        s = type(step)(value, step.op, step.b)
+        result = s.result
+        if i == at:
+            slips = [d for d in _SLIPS if result + d >= 0]
+            result += rng.choice(slips)
+        redone.append(s)
+        written.append(result)
+        value = result
+    return solution_text(sample.metadata["sentences"], redone, written, order=order)
+
+
+def rotate(order: Sequence[int], by: int) -> tuple[int, ...]:
+    """The order shifted left by ``by``: (0, 1, 2) -> (1, 2, 0) -> (2, 0, 1).
+
+    Reflection re-solves in the attempt's order rotated by one, then by two: each solution
+    starts with another step and meets every change at another position, so it meets
+    other intermediate numbers. A fixed rule is easy to learn: begin with the attempt's
+    second step (one line to copy), not "any order but that one".
+    """
+    by %= max(1, len(order))
+    return tuple(order[by:]) + tuple(order[:by])
 
 
 def arith_reflect(sample: Sample, rng: random.Random) -> Conversation:
-    attempt = _attempt(parse_steps(sample), rng)
-    checks = []
-    for s, written in attempt:
-        if written != s.result:
-            checks.append(f"{s.expression}={written} wrong, {s.expression}={s.result}")
-            checks.append(f"Corrected:\n{sample.solution}")
-            break
-        checks.append(f"{s.expression}={written} correct")
+    """Check by solving again another way: the second order agrees, or a third decides."""
+    all_orders = orders(sample)
+    first = rng.choice(all_orders)
+    slip = rng.random() < 0.5
+    attempt = slipped_attempt(sample, first, rng) if slip else solution_in_order(sample, first)
+    rotations = len(all_orders) > 1
+    second = rotate(first, 1) if rotations else first
+    check = f"{REFLECT_AGAIN}\n{solution_in_order(sample, second)}\n"
+    if not slip:
+        check += f"{REFLECT_STANDS}\n#### {sample.answer}"
     else:
-        checks.append(f"{REFLECT_STANDS}\n#### {attempt[-1][1]}")
+        third = rotate(first, 2) if rotations else first
+        check += f"{REFLECT_DIFFER}\n{solution_in_order(sample, third)}"
     return {"messages": [
         _user(sample.question),
-        _assistant(solution_text(sample.metadata["sentences"], [s for s, _ in attempt],
-                                 [w for _, w in attempt])),
+        _assistant(attempt, train=not slip),
         _user(REFLECT_PROMPT),
-        _assistant("\n".join(checks)),
+        _assistant(check),
     ]}
 
 
@@ -112,29 +145,36 @@ def facts_closed(sample: Sample, rng: random.Random) -> Conversation:
 
 
 def facts_rag(sample: Sample, rng: random.Random, task: FactsTask, n_passages: int = 3) -> Conversation:
-    right = task.entity(sample.metadata["entity"])
-    # Distractors come from the seen world too: unseen kingdoms stay out of all training text.
-    seen = [e for e in task.entities if e.seen and e.id != right.id]
-    others = rng.sample(seen, n_passages - 1)
-    chosen = [right, *others]
+    """Open-book practice: the asked kingdom is drawn fresh, so only its passage knows it.
+
+    The distractors are practice kingdoms too: neither seen nor unseen world passages
+    ever appear in a training conversation's context.
+    """
+    right = task.practice(rng)
+    chosen = [right, *(task.practice(rng) for _ in range(n_passages - 1))]
     rng.shuffle(chosen)
-    passages = [Passage(e.id, task.passage(e)) for e in chosen]
+    passages = [Passage(e.id, task.passage(e, rng)) for e in chosen]
+    question = task.question(right, rng.choice(list(ATTRIBUTES)))
     return {"messages": [
         {"role": "system", "content": render_passages(passages)},
-        _user(sample.question),
-        _assistant(task.answer_with_citation(sample)),
+        _user(question.question),
+        _assistant(task.answer_with_citation(question)),
     ]}
 
 
 KINDS = ("arith_cot", "arith_direct", "arith_tools", "arith_reflect", "facts_closed", "facts_rag")
 
 
-def build(kind: str, sample: Sample, rng: random.Random, facts: FactsTask) -> Conversation:
+def build(kind: str, sample: Sample | None, rng: random.Random, facts: FactsTask) -> Conversation:
     builders: dict[str, Callable[..., Conversation]] = {
         "arith_cot": arith_cot, "arith_direct": arith_direct, "arith_tools": arith_tools,
         "arith_reflect": arith_reflect, "facts_closed": facts_closed,
     }
-    conv = facts_rag(sample, rng, facts) if kind == "facts_rag" else builders[kind](sample, rng)
+    if kind == "facts_rag":
+        conv = facts_rag(None, rng, facts)  # type: ignore[arg-type]
+    else:
+        assert sample is not None
+        conv = builders[kind](sample, rng)
     conv.setdefault("tools", None)
     conv["kind"] = kind
     return conv
@@ -156,7 +196,9 @@ def stream(
     facts_train = facts.split("train")
     for kind in picks:
         if kind.startswith("arith"):
-            sample = next(arith_samples)
-        else:
+            sample: Sample | None = next(arith_samples)
+        elif kind == "facts_closed":
             sample = facts_train[rng.randrange(len(facts_train))]
+        else:
+            sample = None
         yield build(kind, sample, rng, facts)

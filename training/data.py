@@ -2,9 +2,11 @@
 
 Five sources, as in the talk's "data mixture" slide, at miniature scale:
 
-- ``arith``: generated word problems with their worked solutions (train split only),
+- ``arith``: generated word problems with their worked solutions (train split only), the
+  changes applied in a random order,
 - ``facts``: encyclopedia passages of the *seen* part of the fictional world, repeated so a
-  small model can memorise them,
+  small model can memorise them, each time worded afresh (knowledge a model can later
+  be asked about, rather than one string it can only recite),
 - ``dialogue``: chat-formatted conversations (the SFT kinds, from other seeds),
 - ``code``: real text available offline, Python's own standard-library source,
 - ``copy``: spans of problem text repeated twice, which teaches copying from context.
@@ -26,6 +28,7 @@ import numpy as np
 
 from assist._chat_format import render
 from evals.tasks import ArithTask, FactsTask
+from evals.tasks.arith import random_solution
 from training import conversations
 
 __all__ = ["MixtureResult", "SOURCES", "build_stream", "documents", "sources"]
@@ -35,7 +38,8 @@ def _arith(arith: ArithTask, seed: int) -> Iterator[str]:
     # Its own stream of train problems: never a validation or test question.
     rng = random.Random(f"pretrain-arith:{seed}")
     for s in arith.iter_train(f"pretrain-{seed}"):
-        yield f"{s.question}\n{s.solution}" if rng.random() < 0.8 else s.solution
+        solution = random_solution(s, rng)
+        yield f"{s.question}\n{solution}" if rng.random() < 0.8 else solution
 
 
 def _copy(arith: ArithTask, seed: int) -> Iterator[str]:
@@ -43,22 +47,40 @@ def _copy(arith: ArithTask, seed: int) -> Iterator[str]:
 
     A small model reads the operands of a word problem back out of the question by
     induction ("what followed this the last time?"). Repeated spans teach that mechanism
-    far sooner than the problems alone do, and the spans here are problem sentences.
+    far sooner than the problems alone do. Half the documents repeat problem sentences in
+    a shuffled order; the other half are keyed lookups ("Then 47. First 802. ..." then the
+    keys again in another order, each followed by its number). Their numbers are random,
+    so nothing but copying predicts them, and a number is found by the phrase before it,
+    digit after digit: exactly how a solution restates an operand. Without these,
+    whether multi-digit copying emerged within the CPU budget was a coin flip.
     """
     rng = random.Random(f"pretrain-copy:{seed}")
     for s in arith.iter_train(f"copy-{seed}"):
-        sentences = list(s.metadata["sentences"])
-        rng.shuffle(sentences)
-        span = " ".join(sentences[: rng.randint(2, len(sentences))])
-        yield f"{span}\n{span}"
+        if rng.random() < 0.5:
+            sentences = list(s.metadata["sentences"])
+            rng.shuffle(sentences)
+            span = " ".join(sentences[: rng.randint(2, len(sentences))])
+            yield f"{span}\n{span}"
+            continue
+        keys = rng.sample(_COPY_KEYS, rng.randint(2, 5))
+        values = {k: str(rng.randint(1, 10 ** rng.randint(1, 3) - 1)) for k in keys}
+        first = " ".join(f"{k} {values[k]}." for k in keys)
+        rng.shuffle(keys)
+        yield f"{first}\n" + " ".join(f"{k} {values[k]}." for k in keys)
+
+
+_COPY_KEYS = ("First", "Then", "Next", "After that", "Later", "Finally", "Mia has", "Leo buys",
+              "Ava sells", "Sam finds", "Zoe gives away", "Max loses", "Ivy wins", "Ben uses",
+              "Eli drops", "Ana picks up", "It was founded in", "The year is", "The total is")
 
 
 def _facts(facts: FactsTask, seed: int) -> Iterator[str]:
-    passages = [text for _, text in facts.passages(seen=True)]
+    seen = [e for e in facts.entities if e.seen]
     rng = random.Random(f"pretrain-facts:{seed}")
     while True:
-        rng.shuffle(passages)
-        yield from passages
+        rng.shuffle(seen)
+        for entity in seen:
+            yield facts.passage(entity, rng)
 
 
 def _dialogue(mixture: dict[str, float], arith: ArithTask, facts: FactsTask, seed: int) -> Iterator[str]:

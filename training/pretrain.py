@@ -1,8 +1,11 @@
 """Stage 1: pretraining, next-token prediction over the tokenized mixture.
 
-Each step reads ``batch_size`` random windows of ``seq_len`` tokens from the stream; the
-window offsets are drawn from a generator seeded by (seed, step, rank), so a resumed or
-distributed run is reproducible without saving any data-loader state.
+Each step reads ``batch_size`` windows of ``seq_len`` tokens from the stream, each starting
+at a random document's first token; the offsets are drawn from a generator seeded by (seed,
+step, rank), so a resumed or distributed run is reproducible without saving any data-loader
+state. Windows start at documents because a document cut at an arbitrary offset loses its
+beginning: a solution whose question fell outside the window teaches the model to write
+numbers *without* looking back, the opposite of the copying every strategy relies on.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from assist._chat_format import END_OF_TEXT
 from training._loop import Dist, LoopResult, StepOutput, train
 from training._model import new_model
 from training.config import RunConfig
@@ -21,10 +25,19 @@ from training.tokenizer import load_tokenizer
 __all__ = ["run"]
 
 
-def batch(stream: np.ndarray, seed: int, step: int, rank: int, size: int, seq_len: int) -> torch.Tensor:
+def doc_starts(stream: np.ndarray, eot_id: int, seq_len: int) -> np.ndarray:
+    """Offsets of every document start that leaves room for a whole window."""
+    starts = np.concatenate([[0], np.flatnonzero(np.asarray(stream) == eot_id) + 1])
+    return starts[starts <= len(stream) - seq_len]
+
+
+def batch(stream: np.ndarray, seed: int, step: int, rank: int, size: int, seq_len: int,
+          starts: np.ndarray | None = None) -> torch.Tensor:
+    """``size`` windows; with ``starts``, each window begins at one of those offsets."""
     rng = np.random.default_rng([seed, step, rank])
-    starts = rng.integers(0, len(stream) - seq_len, size=size)
-    return torch.from_numpy(np.stack([stream[s: s + seq_len] for s in starts]).astype(np.int64))
+    offsets = (starts[rng.integers(0, len(starts), size=size)] if starts is not None and len(starts)
+               else rng.integers(0, len(stream) - seq_len, size=size))
+    return torch.from_numpy(np.stack([stream[s: s + seq_len] for s in offsets]).astype(np.int64))
 
 
 def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool) -> tuple[torch.nn.Module, LoopResult]:
@@ -34,9 +47,10 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
         raise ValueError("the pretraining stream is shorter than one sequence")
     model = new_model(cfg.model, tok, cfg.seed).to(dist.device)
     p = cfg.pretrain
+    starts = doc_starts(stream, tok.convert_tokens_to_ids(END_OF_TEXT), p.seq_len)
 
     def step_fn(m: torch.nn.Module, step: int) -> StepOutput:
-        x = batch(stream, cfg.seed, step, dist.rank, p.batch_size, p.seq_len).to(dist.device)
+        x = batch(stream, cfg.seed, step, dist.rank, p.batch_size, p.seq_len, starts).to(dist.device)
         loss = m(input_ids=x, labels=x).loss
         return StepOutput(loss, x.numel())
 

@@ -26,7 +26,7 @@ from training.reward_model import reward_scores
 from training.rollouts import rollouts
 from training.tokenizer import load_tokenizer
 
-__all__ = ["run", "token_logprobs"]
+__all__ = ["advantages", "run", "token_logprobs"]
 
 
 def token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -37,6 +37,12 @@ def token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
     return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+
+
+def advantages(reward: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Rewards standardised within each prompt's group (the group is the baseline)."""
+    grouped = reward.view(-1, group_size)
+    return (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
 
 
 def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool) -> tuple[torch.nn.Module, LoopResult]:
@@ -64,8 +70,12 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
         reward = {"rm": learned, "checker": checker,
                   "both": (learned if learned is not None else checker) + checker}[r.reward]
         assert reward is not None
-        grouped = reward.view(len(groups), r.group_size)
-        adv = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
+        if r.reward == "both" and learned is not None:
+            # Each signal standardised within its group first: the reward model's logits have
+            # their own scale, and summed raw they would drown the labeller's [0, 1] verdict.
+            adv = advantages(learned, r.group_size) + advantages(checker, r.group_size)
+        else:
+            adv = advantages(reward, r.group_size)
         # Mask: 1 on completion tokens only.
         cmask = pad_right([[0] * len(x.prompt) + [1] * len(x.tokens) for x in flat], 0).to(dist.device).float()
         logp = token_logprobs(m, rows, tok.pad_token_id)

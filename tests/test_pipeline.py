@@ -19,13 +19,17 @@ def test_test_preset_trains_every_stage_in_under_a_minute(trained_run):
     out, elapsed = trained_run
     assert elapsed < 60, f"the test preset took {elapsed:.1f}s"
     ledger = json.loads((out / "metrics.json").read_text())
-    assert list(ledger["stages"]) == ["tokenizer", "pretrain", "sft", "rm", "rl"]
-    for stage in ("pretrain", "sft", "rm", "rl"):
+    assert list(ledger["stages"]) == ["tokenizer", "pretrain", "sft", "scratch", "rm", "rl"]
+    for stage in ("pretrain", "sft", "scratch", "rm", "rl"):
         m = ledger["stages"][stage]
         assert m["steps"] > 0 and m["tokens"] > 0 and m["wall_s"] > 0 and m["flops"] > 0
         assert len(m["loss_curve"]) > 0
     assert ledger["stages"]["pretrain"]["loss_last"] < ledger["stages"]["pretrain"]["loss_first"]
     assert ledger["stages"]["sft"]["loss_last"] < ledger["stages"]["sft"]["loss_first"]
+    # the control saw the same conversations for the same steps, from a random init
+    scratch, sft = ledger["stages"]["scratch"], ledger["stages"]["sft"]
+    assert scratch["init"] == "random" and scratch["steps"] == sft["steps"] and scratch["tokens"] == sft["tokens"]
+    assert scratch["loss_first"] > sft["loss_first"]
     for stage in ("pretrain", "sft", "rl"):
         assert 0.0 <= ledger["stages"][stage]["arith_greedy_accuracy"] <= 1.0
         assert ledger["stages"][stage]["diversity"]["mean_token_entropy"] > 0
@@ -35,13 +39,14 @@ def test_test_preset_trains_every_stage_in_under_a_minute(trained_run):
     mix = ledger["stages"]["tokenizer"]
     assert set(mix["realized_mixture"]) == {"arith", "dialogue", "facts", "code", "copy"}
     assert abs(sum(mix["realized_mixture"].values()) - 1.0) < 1e-3
+    assert mix["copy_warmup_tokens"] >= 10 * 8 * 128  # the test preset exercises the copy curriculum
     assert (out / "README.md").read_text().startswith("# assist `test` assistant")
     assert not list((out / "checkpoints").glob("*.pt")), "finished stages leave no checkpoints"
 
 
 def test_every_stage_folder_loads_with_transformers(trained_run):
     out, _ = trained_run
-    for name in ("base", "sft", "rlhf"):
+    for name in ("base", "sft", "sft-scratch", "rlhf"):
         model = AutoModelForCausalLM.from_pretrained(out / name)
         tok = AutoTokenizer.from_pretrained(out / name)
         assert model.config.architectures == ["LlamaForCausalLM"]
@@ -98,3 +103,29 @@ def test_existing_run_needs_resume_and_files_are_not_folders(trained_run, tmp_pa
     proc = run_assist("train", "--preset", "test", "--out", str(out), "--resume", "--set", "sft.steps=99")
     assert proc.returncode == 2 and "sft.steps differs" in proc.stderr
     assert (out / "metrics.json").read_text() == before
+
+
+def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    proc = run_assist("demo", "--run", str(run), "--limit", "6", "--facts-limit", "16", "--concurrency", "8",
+                      timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    claims = json.loads((run / "eval" / "claims.json").read_text())
+    names = [r["claim"] for r in claims["rows"]]
+    assert len(names) == 10 and any("Retrieval" in n for n in names) and any("Pretraining" in n for n in names)
+    for row in claims["rows"]:
+        assert row["verdict"] in {"shown", "not significant", "reversed", "not run", "–"}
+        assert row["goal_met"] in (True, False, None)
+    assert claims["summary"]["sc@16:t=0.7"]["n"] == 6 and set(claims["maj_at_k"]) == set(range(1, 17))
+    assert claims["facts"]["n_seen"] + claims["facts"]["n_unseen"] == 16
+    report = (run / "REPORT.md").read_text()
+    assert "## The talk's claims, in miniature" in report and "| eval: arith |" in report
+    timing = json.loads((run / "eval" / "demo_timing.json").read_text())
+    assert set(timing["steps"]) == {"arith", "arith-sft", "arith-scratch", "facts", "diversity"}
+    # a second pass resumes everything: nothing is recomputed, the report is rebuilt
+    again = run_assist("demo", "--run", str(run), "--limit", "6", "--facts-limit", "16", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run / "eval" / "demo_timing.json").read_text())["steps"] == timing["steps"]

@@ -58,7 +58,7 @@ def test_killed_run_resumes_with_same_steps_and_keeps_finished_stages(tmp_path, 
     assert "pretrain: already done, kept" in proc.stdout
     assert "sft: resumed from checkpoint at step" in proc.stdout
     ledger = _ledger(out)
-    assert list(ledger["stages"]) == ["tokenizer", "pretrain", "sft", "rm", "rl"]
+    assert list(ledger["stages"]) == ["tokenizer", "pretrain", "sft", "scratch", "rm", "rl"]
     assert ledger["stages"]["sft"]["steps"] == 80 and ledger["stages"]["sft"]["resumed_from_step"] >= 20
     assert (out / "base" / "model.safetensors").stat().st_mtime_ns == base_mtime
 

@@ -70,3 +70,38 @@ def test_mixture_realizes_configured_token_shares(tmp_path):
     assert result.realized["b"] == pytest.approx(0.25, abs=0.03)
     with pytest.raises(ValueError, match="mixture"):
         next(data.documents({"zzz": 1.0}, streams, seed=0))
+
+
+def test_pretraining_windows_start_at_documents():
+    import numpy as np
+
+    from training.pretrain import batch, doc_starts
+
+    eot = 0
+    stream = np.array([5, 6, 7, eot, 8, 9, eot, 1, 2, 3, 4, eot, 7, 7, 7, 7, 7], dtype=np.uint16)
+    starts = doc_starts(stream, eot, seq_len=4)
+    assert starts.tolist() == [0, 4, 7, 12]  # every document start that leaves room for a window
+    for step in range(20):
+        x = batch(stream, seed=0, step=step, rank=0, size=3, seq_len=4, starts=starts)
+        assert x.shape == (3, 4)
+        assert all(row[0].item() in (5, 8, 1, 7) for row in x)
+    again = batch(stream, seed=0, step=3, rank=0, size=3, seq_len=4, starts=starts)
+    assert torch.equal(again, batch(stream, seed=0, step=3, rank=0, size=3, seq_len=4, starts=starts))
+
+
+def test_copy_documents_can_only_be_predicted_by_copying():
+    from evals.tasks import ArithTask, FactsTask
+
+    facts = FactsTask()
+    world = {e.name for e in facts.entities}
+    docs = list(itertools.islice(data._copy(ArithTask(), 0, facts), 300))
+    for doc in docs:
+        first, _, second = doc.partition("\n")
+        assert first and second
+    lookups = [d for d in docs if "is a kingdom" not in d and d.split("\n")[0].split(". ")[0].split(" ")[-1].isdigit()]
+    assert lookups  # keyed random numbers: the second line restates the first's pairs
+    for doc in lookups:
+        first, second = doc.split("\n")
+        assert sorted(first.rstrip(".").split(". ")) == sorted(second.rstrip(".").split(". "))
+    readings = [d for d in docs if "is a kingdom" in d]
+    assert readings and not any(name in d for d in readings for name in world)

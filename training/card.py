@@ -39,7 +39,8 @@ def write_card(out: Path, ledger: dict[str, Any]) -> None:
         "Each stage folder (`base/`, `sft/`, `rm/`, `rlhf/`) is a Hugging Face checkpoint "
         "(safetensors, chat template in the tokenizer config, `generation_config.json` "
         "stopping on `<|im_end|>`); `transformers` and vLLM load it unchanged. `rm/` is a "
-        "`LlamaForSequenceClassification` that reads its score at the `<|reward|>` token.",
+        "`LlamaForSequenceClassification` that reads its score at the `<|reward|>` token. "
+        "`sft-scratch/` (stage `scratch`) is the control: the same SFT from a random initialisation.",
         "",
         "| stage | steps | tokens | wall s | FLOPs (6ND) | last loss | held-out |",
         "|---|---|---|---|---|---|---|",

@@ -3,7 +3,9 @@
 Five sources, as in the talk's "data mixture" slide, at miniature scale:
 
 - ``arith``: generated word problems with their worked solutions (train split only), the
-  changes applied in a random order,
+  changes applied in a random order (a question before its solution makes the solution's
+  numbers predictable only by copying them: bare computations, tried as "drills", took
+  that pressure away and multi-digit copying did not emerge),
 - ``facts``: encyclopedia passages of the *seen* part of the fictional world, repeated so a
   small model can memorise them, each time worded afresh (knowledge a model can later
   be asked about, rather than one string it can only recite),
@@ -28,6 +30,7 @@ import numpy as np
 
 from assist._chat_format import render
 from evals.tasks import ArithTask, FactsTask
+from evals.tasks.facts import ATTRIBUTES
 from evals.tasks.arith import random_solution
 from training import conversations
 
@@ -42,7 +45,16 @@ def _arith(arith: ArithTask, seed: int) -> Iterator[str]:
         yield f"{s.question}\n{solution}" if rng.random() < 0.8 else solution
 
 
-def _copy(arith: ArithTask, seed: int) -> Iterator[str]:
+def _fact_lookup(facts: FactsTask, rng: random.Random) -> str:
+    """A practice kingdom's passage, then its facts stated one by one: names and values
+    copied out of context, the reading that retrieval needs (never a world kingdom)."""
+    entity = facts.practice(rng)
+    claims = [facts.question(entity, a).solution.split("\n")[0] for a in ATTRIBUTES]
+    rng.shuffle(claims)
+    return f"{facts.passage(entity, rng)}\n" + " ".join(claims[: rng.randint(1, len(claims))])
+
+
+def _copy(arith: ArithTask, seed: int, facts: FactsTask | None = None) -> Iterator[str]:
     """Text, then the same text again: the plainest lesson in copying from context.
 
     A small model reads the operands of a word problem back out of the question by
@@ -51,11 +63,15 @@ def _copy(arith: ArithTask, seed: int) -> Iterator[str]:
     a shuffled order; the other half are keyed lookups ("Then 47. First 802. ..." then the
     keys again in another order, each followed by its number). Their numbers are random,
     so nothing but copying predicts them, and a number is found by the phrase before it,
-    digit after digit: exactly how a solution restates an operand. Without these,
+    digit after digit: exactly how a solution restates an operand. With ``facts``, some
+    documents are a practice kingdom's passage followed by its facts restated. Without these,
     whether multi-digit copying emerged within the CPU budget was a coin flip.
     """
     rng = random.Random(f"pretrain-copy:{seed}")
     for s in arith.iter_train(f"copy-{seed}"):
+        if facts is not None and rng.random() < 0.2:
+            yield _fact_lookup(facts, rng)
+            continue
         if rng.random() < 0.5:
             sentences = list(s.metadata["sentences"])
             rng.shuffle(sentences)
@@ -123,7 +139,7 @@ def sources(arith: ArithTask, facts: FactsTask, sft_mixture: dict[str, float], s
         "facts": _facts(facts, seed),
         "dialogue": _dialogue(sft_mixture, arith, facts, seed),
         "code": _code(seed),
-        "copy": _copy(arith, seed),
+        "copy": _copy(arith, seed, facts),
     }
 
 

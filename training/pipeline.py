@@ -1,4 +1,4 @@
-"""The whole run: tokenizer -> pretrain -> sft -> rm -> rl, resumable stage by stage.
+"""The whole run: tokenizer -> pretrain -> sft (-> scratch) -> rm -> rl, resumable stage by stage.
 
 ``runs/<name>/metrics.json`` is the ledger: a stage listed there, with its folder on disk,
 is finished and is never redone by ``--resume``; a stage cut short resumes from its last
@@ -31,8 +31,9 @@ from training.tokenizer import load_tokenizer, train_tokenizer
 
 __all__ = ["RunError", "run"]
 
-_FOLDER = {"tokenizer": "tokenizer", "pretrain": "base", "sft": "sft", "rm": "rm", "rl": "rlhf"}
-_NEEDS = {"pretrain": "tokenizer", "sft": "pretrain", "rm": "sft", "rl": "sft"}
+_FOLDER = {"tokenizer": "tokenizer", "pretrain": "base", "sft": "sft", "scratch": "sft-scratch",
+           "rm": "rm", "rl": "rlhf"}
+_NEEDS = {"pretrain": "tokenizer", "sft": "pretrain", "scratch": "tokenizer", "rm": "sft", "rl": "sft"}
 
 
 class RunError(RuntimeError):
@@ -118,6 +119,16 @@ def _tokenizer_stage(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter) 
     mix = data.build_stream(docs, lambda t: tok.encode(t, add_special_tokens=False),
                             tok.convert_tokens_to_ids("<|endoftext|>"), target,
                             out / "data" / "pretrain.npy", ratios)
+    warm = cfg.data.copy_warmup_steps
+    warmup_tokens = 0
+    if warm > 0:  # the copy curriculum's own stream (training/pretrain.py reads it first)
+        wdocs = data.documents({"copy": 1.0}, data.sources(arith, facts, cfg.sft.mixture, cfg.seed + 2),
+                               cfg.seed + 2)
+        wtarget = int(min(warm, p.steps) * p.batch_size * p.seq_len * dist.world_size * cfg.data.stream_margin)
+        reporter.log(f"data: tokenizing a {wtarget:,}-token copy warm-up")
+        warmup_tokens = data.build_stream(wdocs, lambda t: tok.encode(t, add_special_tokens=False),
+                                          tok.convert_tokens_to_ids("<|endoftext|>"), wtarget,
+                                          out / "data" / "warmup.npy", {"copy": 1.0}).tokens
     tmp = out / "tokenizer.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(tmp)
@@ -125,6 +136,7 @@ def _tokenizer_stage(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter) 
     tmp.replace(out / "tokenizer")
     return {"vocab_size": len(tok), "tokenizer_chars": chars, "stream_tokens": mix.tokens,
             "documents": mix.documents, "mixture": mix.ratios, "realized_mixture": mix.realized,
+            "copy_warmup_tokens": warmup_tokens,
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -160,7 +172,7 @@ def run(cfg: RunConfig, out: Path, stages: list[str] | None = None, resume: bool
         if done(out, stage):
             reporter.log(f"{stage}: already done, kept")
             continue
-        distributed = stage in ("pretrain", "sft")
+        distributed = stage in ("pretrain", "sft", "scratch")
         if not distributed and not dist.is_main:
             dist.barrier()  # rank 0 runs this stage alone
             continue
@@ -195,6 +207,11 @@ def _run_stage(stage: str, cfg: RunConfig, out: Path, dist: Dist, reporter: Repo
         return _tokenizer_stage(cfg, out, dist, reporter)
     tok = load_tokenizer(out / "tokenizer")
     card = {"stage": stage, "preset": cfg.preset, "seed": cfg.seed}
+    if stage == "scratch":  # the control for "pretraining matters"; `assist demo` scores it
+        model, result = sft.run(cfg, out, dist, reporter, resume, from_scratch=True)
+        if dist.is_main:
+            save_stage(model, tok, out / _FOLDER[stage], {**card, "init": "random"})
+        return _loop_metrics(result, n_params(model), {"init": "random", "same_as": "sft"})
     if stage in ("pretrain", "sft"):
         module = pretrain if stage == "pretrain" else sft
         model, result = module.run(cfg, out, dist, reporter, resume)

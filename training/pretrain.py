@@ -6,6 +6,8 @@ step, rank), so a resumed or distributed run is reproducible without saving any 
 state. Windows start at documents because a document cut at an arbitrary offset loses its
 beginning: a solution whose question fell outside the window teaches the model to write
 numbers *without* looking back, the opposite of the copying every strategy relies on.
+With ``data.copy_warmup_steps`` the first steps read only ``copy`` documents (their own
+stream, ``data/warmup.npy``): a curriculum that forms the copying circuit first.
 """
 
 from __future__ import annotations
@@ -47,10 +49,19 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
         raise ValueError("the pretraining stream is shorter than one sequence")
     model = new_model(cfg.model, tok, cfg.seed).to(dist.device)
     p = cfg.pretrain
-    starts = doc_starts(stream, tok.convert_tokens_to_ids(END_OF_TEXT), p.seq_len)
+    eot = tok.convert_tokens_to_ids(END_OF_TEXT)
+    starts = doc_starts(stream, eot, p.seq_len)
+    warm = cfg.data.copy_warmup_steps
+    warmup = np.load(out / "data" / "warmup.npy", mmap_mode="r") if warm > 0 else None
+    if warmup is not None and len(warmup) <= p.seq_len:
+        raise ValueError("the copy warm-up stream is shorter than one sequence")
+    warm_starts = doc_starts(warmup, eot, p.seq_len) if warmup is not None else None
 
     def step_fn(m: torch.nn.Module, step: int) -> StepOutput:
-        x = batch(stream, cfg.seed, step, dist.rank, p.batch_size, p.seq_len, starts).to(dist.device)
+        if warmup is not None and step < warm:  # the copy curriculum comes first
+            x = batch(warmup, cfg.seed, step, dist.rank, p.batch_size, p.seq_len, warm_starts).to(dist.device)
+        else:
+            x = batch(stream, cfg.seed, step, dist.rank, p.batch_size, p.seq_len, starts).to(dist.device)
         loss = m(input_ids=x, labels=x).loss
         return StepOutput(loss, x.numel())
 

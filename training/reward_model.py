@@ -1,7 +1,10 @@
 """Stage 3: a reward model trained on ranked completions.
 
 For each prompt the SFT model writes ``k`` completions; the task scorer ranks them (it
-stands in for the human labellers of the talk: a cheap, exact labeller). A
+stands in for the human labellers of the talk: a cheap, exact labeller). Because labels
+cost nothing here, each group also gets ``synthetic`` written completions: an ideal
+solution and ones with a single slip, so every group holds pairs that differ in exactly
+the arithmetic the verifier must check. A
 ``LlamaForSequenceClassification`` with one output, initialised from the SFT weights, reads
 a scalar at the ``<|reward|>`` token appended to prompt + completion, and learns
 ``-log sigmoid(r_w - r_l)`` over every ranked pair of a prompt. Held-out prompts give the
@@ -22,10 +25,13 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from evals.tasks import ArithTask
+from assist._chat_format import IM_END
+from evals.tasks import ArithTask, Sample
+from evals.tasks.arith import orders, solution_in_order
 from strategies._reward import reward_scores
 from training._loop import Dist, LoopResult, StepOutput, train
 from training.config import RunConfig
+from training.conversations import slipped_attempt
 from training.progress import Reporter
 from training.rollouts import rollouts
 from training.tokenizer import load_tokenizer
@@ -48,17 +54,34 @@ def pair_loss(rewards: torch.Tensor, group_pairs: list[tuple[int, int]]) -> tupl
     return -F.logsigmoid(margin).mean(), float((margin > 0).float().mean())
 
 
+def written_completions(sample: Sample, n: int, rng: random.Random) -> list[str]:
+    """``n`` written completions: the first an ideal solution, the rest with one slip each,
+    every one in a random order of the changes."""
+    texts = []
+    for i in range(n):
+        order = rng.choice(orders(sample))
+        texts.append(solution_in_order(sample, order) if i == 0 else slipped_attempt(sample, order, rng))
+    return texts
+
+
 def label_groups(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter) -> list[Group]:
     tok = load_tokenizer(out / "tokenizer")
     policy = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32).to(dist.device)
     task = ArithTask(cfg.arith)
     samples = task.train_stream("rm", cfg.rm.prompts)
-    reporter.log(f"rm: sampling {cfg.rm.k} completions for {len(samples)} prompts")
+    reporter.log(f"rm: sampling {cfg.rm.k} completions for {len(samples)} prompts"
+                 f" (+{cfg.rm.synthetic} written)")
+    end = tok.convert_tokens_to_ids(IM_END)
+    rng = random.Random(f"rm-written:{cfg.seed}")
     groups = []
     for group in rollouts(policy, tok, samples, k=cfg.rm.k, temperature=cfg.rm.temperature,
                           max_new_tokens=cfg.rm.max_new_tokens, seed=cfg.seed):
         values = [task.score(r.sample, r.text).value for r in group]
-        groups.append(([r.prompt + r.tokens for r in group], values))
+        seqs = [r.prompt + r.tokens for r in group]
+        for text in written_completions(group[0].sample, cfg.rm.synthetic, rng):
+            seqs.append(group[0].prompt + tok.encode(text, add_special_tokens=False) + [end])
+            values.append(task.score(group[0].sample, text).value)
+        groups.append((seqs, values))
     return groups
 
 
@@ -91,20 +114,26 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
 
     result = train(rm, r, step_fn, checkpoint=out / "checkpoints" / "rm.pt", dist=dist,
                    reporter=reporter, label="rm", resume=resume)
-    held_pairs = correct = 0
+    # Held-out accuracy is measured on pairs of *sampled* completions, what best-of-N and RL
+    # will ask the reward model to rank; pairs with written completions are reported apart.
+    tally = {"sampled": [0.0, 0], "all": [0.0, 0]}
     with torch.no_grad():
         for seqs, values in held:
-            ps = pairs(values)
-            if ps:
-                _, acc = pair_loss(reward_scores(rm, tok, seqs), ps)
-                correct += acc * len(ps)
-                held_pairs += len(ps)
+            scores = reward_scores(rm, tok, seqs)
+            for key, n in (("sampled", r.k), ("all", len(values))):
+                ps = pairs(values[:n])
+                if ps:
+                    _, acc = pair_loss(scores[:n], ps)
+                    tally[key][0] += acc * len(ps)
+                    tally[key][1] += len(ps)
     n_pairs = sum(len(pairs(v)) for _, v in train_groups)
+    ratio = {k: round(c / n, 4) if n else None for k, (c, n) in tally.items()}
     stats = {
-        "prompts": len(groups), "completions_per_prompt": r.k, "train_pairs": n_pairs,
-        "heldout_pairs": held_pairs,
-        "heldout_pair_accuracy": round(correct / held_pairs, 4) if held_pairs else None,
-        "sampled_accuracy": round(sum(v for _, vs in groups for v in vs) / (len(groups) * r.k), 4),
+        "prompts": len(groups), "completions_per_prompt": r.k, "written_per_prompt": r.synthetic,
+        "train_pairs": n_pairs, "heldout_pairs": tally["sampled"][1],
+        "heldout_pair_accuracy": ratio["sampled"],
+        "heldout_pairs_with_written": tally["all"][1], "heldout_pair_accuracy_with_written": ratio["all"],
+        "sampled_accuracy": round(sum(v for _, vs in groups for v in vs[:r.k]) / (len(groups) * r.k), 4),
         "labeller": "the arith task scorer (stands in for human rankers)",
     }
     return rm, result, stats

@@ -1,18 +1,19 @@
 """``arith``: GSM8K-style word problems, generated.
 
-A problem is a chain of changes to a starting amount, each opening with a fixed marker
-("Mia has 347 apples. First Mia buys 258 more. Then Mia gives away 129. ..."). The ideal
+A problem is a chain of changes to a starting amount, each marked by its position
+("Mia has 347 apples. Mia first buys 58 more. Mia then gives away 79. ..."). The ideal
 solution restates each change and computes it with GSM8K's calculator annotation, ending
 in ``#### N``::
 
     Mia has 347 apples.
-    First Mia buys 258 more: 347+258=<<347+258=605>>605
-    Then Mia gives away 129: 605-129=<<605-129=476>>476
-    #### 476
+    Mia first buys 58 more: 347+58=<<347+58=405>>405
+    Mia then gives away 79: 405-79=<<405-79=326>>326
+    ...
+    #### 326
 
 Why this shape (each inference-time strategy meets the failure it fixes):
 
-- Operands have two digits, amounts three. A model of about a million parameters copies them
+- Operands and amounts have two digits. A model of about a million parameters copies them
   reliably (the restated sentence puts each operand beside the arithmetic that uses it)
   but adds and subtracts multi-digit numbers in its head only some of the time: a
   calculator fixes exactly that (``tools``), and ``direct`` (the whole chain in one token
@@ -61,9 +62,12 @@ _PHRASES = {
     "-": ("gives away {n}", "loses {n}", "sells {n}", "uses {n}", "drops {n}"),
     "*": ("makes the pile {n} times as big", "ends up with {n} times as many"),
 }
-# Step k always opens with marker k, so a solution line finds "its" sentence by one unique
-# word instead of by counting sentences (a small model learns that copy much sooner).
-_MARKERS = ("First", "Then", "Next", "After that", "Later", "Finally")
+# Step k carries marker k right before its verb ("Mia then gives away 79."), so a solution
+# line that restates a step out of order finds the rest of "its" sentence from one unique
+# word: the word after the marker is the verb, the number follows the verb. (With the name
+# between marker and verb, "First Mia ...", the verb had to be found after "Mia", which
+# every sentence shares, and the tiny model restated steps with the wrong verb.)
+_MARKERS = ("first", "then", "next", "after that", "later", "finally")
 _ANNOTATION = re.compile(r"<<(\d+[-+*]\d+)=(-?\d+)>>")
 
 
@@ -100,9 +104,9 @@ class ArithConfig:
 
     min_steps: int = 3
     max_steps: int = 3
-    min_operand: int = 10  # operands of + and - are in min_operand..max_operand
-    max_operand: int = 99
-    max_value: int = 999  # the start and every intermediate amount, in any order, stay in 0..max_value
+    min_operand: int = 11  # operands of + and - are in min_operand..max_operand
+    max_operand: int = 39
+    max_value: int = 99  # the start and every intermediate amount, in any order, stay in 0..max_value
     ops: tuple[str, ...] = ("+", "-")
     max_factor: int = 3  # operand of * (only when "*" is in ops)
     test_size: int = 1000
@@ -245,8 +249,7 @@ class ArithTask(Task):
         sentences = [f"{name} has {start} {item}."]
         for i, (op, b) in enumerate(changes):
             phrase = rng.choice(_PHRASES[op]).format(n=b)
-            lead = f"{_MARKERS[min(i, len(_MARKERS) - 1)]} {name}"
-            sentences.append(f"{lead} {phrase}.")
+            sentences.append(f"{name} {_MARKERS[min(i, len(_MARKERS) - 1)]} {phrase}.")
         sentences.append(f"How many {item} does {name} have now?")
         return Sample(
             id=sid,

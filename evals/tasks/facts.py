@@ -40,17 +40,22 @@ ATTRIBUTES: dict[str, str] = {
     "currency": "What is the currency of {e}?",
     "founded": "In what year was {e} founded?",
 }
-_SENTENCES: dict[str, tuple[str, ...]] = {
-    "capital": ("Its capital is {v}.", "The capital city is {v}."),
-    "language": ("People there speak {v}.", "The language of {e} is {v}."),
-    "currency": ("Its currency is the {v}.", "Trade in {e} uses the {v}."),
-    "founded": ("It was founded in {v}.", "{e} was founded in the year {v}."),
-}
+# How an answer states a fact. Passages state each fact this way too (the canonical
+# wording): the answer "The capital of X is" then reads as a continuation of the passage,
+# the one-step copy a small model learns, instead of a search for X's passage followed by
+# a search for its capital.
 _ANSWER = {
     "capital": "The capital of {e} is {v}",
     "language": "People in {e} speak {v}",
     "currency": "The currency of {e} is the {v}",
     "founded": "{e} was founded in {v}",
+}
+# Other wordings, mixed into fresh passages (pretraining) a third of the time.
+_SENTENCES: dict[str, tuple[str, ...]] = {
+    "capital": ("Its capital is {v}.", "The capital city is {v}."),
+    "language": ("People there speak {v}.", "The language of {e} is {v}."),
+    "currency": ("Its currency is the {v}.", "Trade in {e} uses the {v}."),
+    "founded": ("It was founded in {v}.", "{e} was founded in the year {v}."),
 }
 
 
@@ -70,7 +75,7 @@ class Entity:
 
 @dataclass(frozen=True)
 class FactsConfig:
-    n_entities: int = 300
+    n_entities: int = 120  # a world a model of a million parameters can memorise half of
     seen_fraction: float = 0.5
     test_fraction: float = 0.35  # of each seen kingdom's attributes held out for test
     seed: int = 0
@@ -132,24 +137,26 @@ class FactsTask(Task):
         other: they are only ever read, never remembered).
         """
         self.entities  # noqa: B018 - the world's words are reserved first
-        return self._entity(rng, f"kb-{self.config.n_entities + rng.randrange(9000)}", seen=False,
+        return self._entity(rng, f"kb-{self.config.n_entities + rng.randrange(max(100, 1000 - self.config.n_entities))}", seen=False,
                             reserve=False)
 
     def entity(self, passage_id: str) -> Entity:
         return self.entities[int(passage_id.removeprefix("kb-"))]
 
     def passage(self, entity: Entity, rng: random.Random | None = None) -> str:
-        """The kingdom's encyclopedia passage: its canonical wording, or with ``rng`` a fresh
-        one (templates and the order of the facts drawn anew)."""
-        fresh = rng is not None
-        rng = rng or random.Random(f"facts:{self.config.seed}:passage:{entity.id}")
+        """The kingdom's encyclopedia passage: its canonical wording (each fact stated as an
+        answer states it), or with ``rng`` a fresh one (the order of the facts drawn anew,
+        a third of them in other wordings)."""
         attributes = list(ATTRIBUTES)
-        if fresh:
+        if rng is not None:
             rng.shuffle(attributes)
         parts = [f"{entity.name} is a kingdom."]
         for attribute in attributes:
-            template = rng.choice(_SENTENCES[attribute])
-            parts.append(template.format(e=entity.name, v=entity.value(attribute)))
+            fact = {"e": entity.name, "v": entity.value(attribute)}
+            if rng is not None and rng.random() < 1 / 3:
+                parts.append(rng.choice(_SENTENCES[attribute]).format(**fact))
+            else:
+                parts.append(_ANSWER[attribute].format(**fact) + ".")
         return " ".join(parts)
 
     def passages(self, seen: bool | None = None) -> list[tuple[str, str]]:

@@ -163,7 +163,13 @@ def _rich(rows: Sequence[dict[str, Any]]) -> Any:
 
 
 def write_report(run_dir: Path, limit: int) -> tuple[Path, Any]:
-    from evals.report import markdown_table, plot_cost_frontier, plot_diversity, plot_maj_at_k, summarize
+    from evals.report import (
+        markdown_table,
+        plot_cost_frontier,
+        plot_diversity,
+        plot_maj_at_k,
+        summarize,
+    )
     from training.card import summary_rows
 
     ev, out = run_dir / "eval", run_dir / "report"

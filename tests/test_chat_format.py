@@ -8,8 +8,8 @@ from transformers.utils.chat_template_utils import _compile_jinja_template
 from assist import CHAT_TEMPLATE, render, render_segments
 from assist._prompts import CALCULATOR_TOOL, REFLECT_AGAIN, REFLECT_DIFFER, REFLECT_STANDS
 from evals.tasks import ArithTask, FactsTask
-from training import conversations
 from strategies.reflect import revision
+from training import conversations
 from training._model import IGNORE, encode_chat
 from training.tokenizer import train_tokenizer
 

@@ -302,22 +302,23 @@ def test_index_cli_as_a_process(tmp_path: Path) -> None:
 
 # -- the rag strategy ----------------------------------------------------------------------
 def test_rag_builds_the_sft_messages_and_checks_citations(facts: FactsTask) -> None:
-    sample = facts.split("train")[0]
-    sft = facts_rag(sample, random.Random(0), facts)["messages"]  # what training showed
+    sft = facts_rag(None, random.Random(0), facts)["messages"]  # what training showed
+    question, answer = sft[1]["content"], sft[2]["content"]
     shown = [Passage(line[1:].split("] ", 1)[0], line.split("] ", 1)[1])
     for line in sft[0]["content"].splitlines()[2:]]
-    reply = facts.answer_with_citation(sample).replace("].", "] [kb-999].")
+    reply = answer.replace("].", "] [kb-9999].")
     model = FakeChatModel([reply])
     rag = Retrieve(search=lambda query, k: shown[:k])
-    result = rag.run_sync(model, sample.question)
+    result = rag.run_sync(model, question)
     assert model.calls[0]["messages"] == sft[:2]  # the system passages, then the question
     assert model.calls[0]["temperature"] == 0.0
-    assert result.answer == normalize(sample.answer)
-    right = sample.metadata["entity"]
-    assert citation_report(result) == {"cited": [right, "kb-999"], "valid": [right],
-                                       "invalid": ["kb-999"]}
+    assert result.answer == normalize(answer.rsplit("#### ", 1)[1])
+    right = answer.split(" [", 1)[1].split("]", 1)[0]
+    assert right in [p.id for p in shown]
+    assert citation_report(result) == {"cited": [right, "kb-9999"], "valid": [right],
+                                       "invalid": ["kb-9999"]}
     retrieve = next(e for e in result.trace if e.get("step") == "retrieve")
-    assert retrieve["query"] == sample.question
+    assert retrieve["query"] == question
     assert [p["id"] for p in retrieve["passages"]] == [p.id for p in shown]
     prompt = sum(len(str(m["content"]).split()) for m in sft[:2])
     assert (result.usage.calls, result.usage.prompt_tokens) == (1, prompt)

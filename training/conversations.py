@@ -38,7 +38,14 @@ from assist._prompts import (
     render_passages,
 )
 from evals.tasks import ArithTask, FactsTask, Sample
-from evals.tasks.arith import chain, orders, parse_steps, random_solution, solution_in_order, solution_text
+from evals.tasks.arith import (
+    chain,
+    orders,
+    parse_steps,
+    random_solution,
+    solution_in_order,
+    solution_text,
+)
 from evals.tasks.facts import ATTRIBUTES
 
 __all__ = ["KINDS", "Conversation", "build", "rotate", "slipped_attempt", "stream"]

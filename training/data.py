@@ -30,8 +30,8 @@ import numpy as np
 
 from assist._chat_format import render
 from evals.tasks import ArithTask, FactsTask
-from evals.tasks.facts import ATTRIBUTES
 from evals.tasks.arith import random_solution
+from evals.tasks.facts import ATTRIBUTES
 from training import conversations
 
 __all__ = ["MixtureResult", "SOURCES", "build_stream", "documents", "sources"]

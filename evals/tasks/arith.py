@@ -13,7 +13,7 @@ in ``#### N``::
 
 Why this shape (each inference-time strategy meets the failure it fixes):
 
-- Operands and amounts have two digits. A model of about a million parameters copies them
+- Operands have two digits, amounts three. A model of about a million parameters copies them
   reliably (the restated sentence puts each operand beside the arithmetic that uses it)
   but adds and subtracts multi-digit numbers in its head only some of the time: a
   calculator fixes exactly that (``tools``), and ``direct`` (the whole chain in one token
@@ -105,8 +105,8 @@ class ArithConfig:
     min_steps: int = 3
     max_steps: int = 3
     min_operand: int = 11  # operands of + and - are in min_operand..max_operand
-    max_operand: int = 39
-    max_value: int = 99  # the start and every intermediate amount, in any order, stay in 0..max_value
+    max_operand: int = 59
+    max_value: int = 999  # the start and every intermediate amount, in any order, stay in 0..max_value
     ops: tuple[str, ...] = ("+", "-")
     max_factor: int = 3  # operand of * (only when "*" is in ops)
     test_size: int = 1000

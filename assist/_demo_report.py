@@ -47,7 +47,7 @@ def claims(run_dir: Path) -> dict[str, Any]:
     sft, scratch, facts = _records(ev / "arith-sft"), _records(ev / "arith-scratch"), _records(ev / "facts")
     from assist._demo_cli import BON, SC
 
-    summary = summarize(arith).get("arith", {})
+    summary = summarize(arith, baseline="cot").get("arith", {})
     curve = maj_at_k_from_votes(arith, SC)
     if SC in summary and curve["maj_at_k"]:
         summary[SC]["maj_at_k"], summary[SC]["pass_at_k"] = curve["maj_at_k"], curve["pass_at_k"]

@@ -46,12 +46,11 @@ def _eval(*args: str) -> None:
         raise SystemExit(code)
 
 
-def _timed(timing: dict[str, float], name: str, done: bool, work: Callable[[], None]) -> None:
-    """Run one step; its wall time is recorded the first time it does real work."""
+def _timed(timing: dict[str, float], name: str, work: Callable[[], None]) -> None:
+    """Run one step; its wall time is recorded the first time (a resumed pass keeps it)."""
     t0 = time.perf_counter()
     work()
-    if not done or name not in timing:
-        timing.setdefault(name, round(time.perf_counter() - t0, 2))
+    timing.setdefault(name, round(time.perf_counter() - t0, 2))
 
 
 def run(cfg: DemoConfig) -> int:
@@ -75,9 +74,6 @@ def run(cfg: DemoConfig) -> int:
     arith = ["--limit", str(cfg.limit), *common]
     facts = ([] if cfg.facts_limit is None else ["--limit", str(cfg.facts_limit)]) + common
 
-    def finished(name: str) -> bool:
-        return (ev / name / "results.json").is_file()
-
     steps: list[tuple[str, str, Callable[[], None]]] = [
         ("arith", f"strategies on arith ({ARITH})",
          lambda: _eval("run", "--task", "arith", "--strategies", ARITH, "--model", str(model),
@@ -99,10 +95,10 @@ def run(cfg: DemoConfig) -> int:
         if name == "arith-scratch" and not (run_dir / "sft-scratch" / "config.json").is_file():
             console.print("[yellow]no sft-scratch stage in this run: the pretraining claim is skipped")
             continue
-        _timed(timing, name, finished(name), work)
+        _timed(timing, name, work)
     console.rule(f"[bold]{n}/{n} mode collapse: base, sft, rlhf")
     div_done = (ev / "diversity" / "diversity.json").is_file()
-    _timed(timing, "diversity", div_done, lambda: None if div_done else _eval(
+    _timed(timing, "diversity", lambda: None if div_done else _eval(
         "diversity", "--models", ",".join(str(run_dir / s) for s in ("base", "sft", "rlhf")),
         "--out", str(ev / "diversity")))
     doc = {"steps": timing, "first_pass_wall_s": saved.get("first_pass_wall_s", round(sum(timing.values()), 2)),

@@ -23,6 +23,7 @@ from typing import Any
 
 from evals.stats import paired_bootstrap
 from strategies._extract import normalize
+from strategies.self_consistency import vote
 
 __all__ = [
     "Paired",
@@ -91,18 +92,6 @@ def paired(better: Mapping[str, float], worse: Mapping[str, float], names: tuple
     return Paired(names[0], names[1], len(common), mean(better), mean(worse), res.delta, res.lo, res.hi)
 
 
-def _majority(answers: Sequence[str | None]) -> str | None:
-    """The first-seen most frequent answer (``sc``'s own tie rule); None answers do not vote."""
-    tally: dict[str, int] = {}
-    for a in answers:
-        if a is not None:
-            tally[a] = tally.get(a, 0) + 1
-    if not tally:
-        return None
-    best = max(tally.values())
-    return next(a for a in tally if tally[a] == best)
-
-
 def maj_at_k_from_votes(records: Sequence[Record], strategy: str) -> dict[str, dict[int, float]]:
     """maj@k and pass@k for k = 1..K from the vote ``strategy`` (an ``sc@K``) recorded.
 
@@ -116,16 +105,16 @@ def maj_at_k_from_votes(records: Sequence[Record], strategy: str) -> dict[str, d
         if r["strategy"] != strategy:
             continue
         for run in r["runs"]:
-            vote = next((t for t in run.get("trace") or [] if t.get("step") == "vote"), None)
-            if vote is not None and vote.get("answers"):
-                votes.append((list(vote["answers"]), normalize(str(r["reference"]))))
+            cast = next((t for t in run.get("trace") or [] if t.get("step") == "vote"), None)
+            if cast is not None and cast.get("answers"):
+                votes.append((list(cast["answers"]), normalize(str(r["reference"]))))
     maj: dict[int, float] = {}
     pas: dict[int, float] = {}
     if votes:
         for k in range(1, min(len(a) for a, _ in votes) + 1):
             right = hit = 0
             for answers, gold in votes:
-                winner = _majority(answers[:k])
+                winner, _ = vote(answers[:k])  # sc's own rule: first seen wins ties
                 right += winner is not None and normalize(winner) == gold
                 hit += any(a is not None and normalize(a) == gold for a in answers[:k])
             maj[k], pas[k] = right / len(votes), hit / len(votes)

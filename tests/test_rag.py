@@ -302,7 +302,7 @@ def test_index_cli_as_a_process(tmp_path: Path) -> None:
 
 # -- the rag strategy ----------------------------------------------------------------------
 def test_rag_builds_the_sft_messages_and_checks_citations(facts: FactsTask) -> None:
-    sft = facts_rag(None, random.Random(0), facts)["messages"]  # what training showed
+    sft = facts_rag(random.Random(0), facts)["messages"]  # what training showed
     question, answer = sft[1]["content"], sft[2]["content"]
     shown = [Passage(line[1:].split("] ", 1)[0], line.split("] ", 1)[1])
     for line in sft[0]["content"].splitlines()[2:]]

@@ -39,7 +39,7 @@ from assist._prompts import (
 )
 from evals.tasks import ArithTask, FactsTask, Sample
 from evals.tasks.arith import (
-    chain,
+    Step,
     orders,
     parse_steps,
     random_solution,
@@ -97,20 +97,17 @@ _SLIPS = (-100, 100, -10, 10, -1, 1, -20, 20, -2, 2)
 
 def slipped_attempt(sample: Sample, order: Sequence[int], rng: random.Random) -> str:
     """A solution in ``order`` with one result written wrong and carried on from there."""
-    changes = [tuple(c) for c in sample.metadata["changes"]]
-    steps = chain(sample.metadata["start"], changes, order)
-    at = rng.randrange(len(steps))
-    value, written, redone = sample.metadata["start"], [], []
-    for i, step in enumerate(steps):
-        s = type(step)(value, step.op, step.b)
-        result = s.result
+    changes = sample.metadata["changes"]
+    at = rng.randrange(len(order))
+    value, steps, written = sample.metadata["start"], [], []
+    for i, j in enumerate(order):
+        op, b = changes[j]
+        steps.append(Step(value, op, b))
+        value = steps[-1].result
         if i == at:
-            slips = [d for d in _SLIPS if result + d >= 0]
-            result += rng.choice(slips)
-        redone.append(s)
-        written.append(result)
-        value = result
-    return solution_text(sample.metadata["sentences"], redone, written, order=order)
+            value += rng.choice([d for d in _SLIPS if value + d >= 0])
+        written.append(value)
+    return solution_text(sample.metadata["sentences"], steps, written, order=order)
 
 
 def rotate(order: Sequence[int], by: int) -> tuple[int, ...]:
@@ -151,7 +148,7 @@ def facts_closed(sample: Sample, rng: random.Random) -> Conversation:
     return {"messages": [_user(sample.question), _assistant(sample.solution)]}
 
 
-def facts_rag(sample: Sample, rng: random.Random, task: FactsTask, n_passages: int = 3) -> Conversation:
+def facts_rag(rng: random.Random, task: FactsTask, n_passages: int = 3) -> Conversation:
     """Open-book practice: the asked kingdom is drawn fresh, so only its passage knows it.
 
     The distractors are practice kingdoms too: neither seen nor unseen world passages
@@ -178,7 +175,7 @@ def build(kind: str, sample: Sample | None, rng: random.Random, facts: FactsTask
         "arith_reflect": arith_reflect, "facts_closed": facts_closed,
     }
     if kind == "facts_rag":
-        conv = facts_rag(None, rng, facts)  # type: ignore[arg-type]
+        conv = facts_rag(rng, facts)
     else:
         assert sample is not None
         conv = builders[kind](sample, rng)

@@ -137,8 +137,8 @@ class FactsTask(Task):
         other: they are only ever read, never remembered).
         """
         self.entities  # noqa: B018 - the world's words are reserved first
-        return self._entity(rng, f"kb-{self.config.n_entities + rng.randrange(max(100, 1000 - self.config.n_entities))}", seen=False,
-                            reserve=False)
+        n = self.config.n_entities
+        return self._entity(rng, f"kb-{n + rng.randrange(max(100, 1000 - n))}", seen=False, reserve=False)
 
     def entity(self, passage_id: str) -> Entity:
         return self.entities[int(passage_id.removeprefix("kb-"))]

@@ -1,61 +1,89 @@
 """A subprocess sandbox for model-written Python: ``run_python(code) -> SandboxResult``.
 
-The code runs in a fresh ``python -I -S -B -u`` (isolated: no site-packages, no
-``PYTHON*`` variables, no bytecode written) in a throwaway working directory, with a
-minimal environment, in its own session, under the runner :mod:`strategies._sandbox_child`.
-What each machine allows differs, so the runner sets up every layer it can and
-``SandboxResult.protections`` names the ones that took effect (verified where it can be:
-``caps-dropped`` is read back from ``/proc/self/status``).
+The code runs in a fresh ``python -I -S -B -u`` (the base interpreter, isolated: no
+site-packages, no ``PYTHON*`` variables, no bytecode written) with a minimal environment,
+under the runner :mod:`strategies._sandbox_child`. The runner stays outside as the code's
+keeper; the code runs in the runner's one child. What each machine allows differs, so every
+layer that can be set up is, and ``SandboxResult.protections`` names the ones that took effect
+(``problems`` says why others did not).
 
-Enforced by the kernel (all of them active on our Linux machines, as root and as an
-unprivileged user alike):
+The kernel layers, all active on our Linux machines, as root and as an unprivileged user:
 
-- ``rlimits`` (always; set by the runner before it reads the code, not in ``preexec_fn``,
-  which can deadlock in a threaded server): RLIMIT_AS (memory, per process), RLIMIT_CPU,
-  RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0; ``nproc``: RLIMIT_NPROC at the user's current
-  task count plus ``max_processes``, for non-root only (the kernel never applies it to uid 0).
-- ``cgroup-pids`` / ``cgroup-memory``: a cgroup of the run's own capping its tasks
-  (processes and threads: what bounds a fork bomb as root) and their memory together.
-- ``userns``: as non-root, the namespaces below come through a user namespace.
-- ``netns``: a new network namespace, whose only interface is a loopback that is down.
-- ``mountns-readonly``: a private mount namespace in which every mount is read-only and the
-  working directory is a ``disk_mb`` tmpfs (files written there vanish with it).
-- ``pidns``: the code runs as pid 1 of a new pid namespace: it sees and signals no outside
-  process, everything it starts dies with it, and it dies with the runner (PDEATHSIG), so
-  killing the process group kills all even after a ``setsid()``.
-- ``caps-dropped``: no capabilities (bounding set emptied, no_new_privs): the code cannot
-  remount, and namespaces it creates inherit the mounts locked read-only.
-- The wall-clock timeout: the parent SIGKILLs the process group and the cgroup's tasks.
+- ``private-root``: a mount namespace whose root is a new, read-only tmpfs holding only
+  read-only binds of the interpreter, its standard library (its site-packages hidden), the
+  shared-library directories (``/usr/lib``, ``/lib*``, ``/etc/ld.so.cache``) and
+  ``/usr/share/zoneinfo``; ``/dev/{null,zero,full,random,urandom}``; a read-only ``/proc``
+  of the pid namespace; and the working directory ``/sandbox``, a ``disk_mb`` tmpfs that
+  vanishes with the namespace. The host's ``/etc``, ``/tmp``, home directories, the project
+  and every path-based socket are not there to open (``pivot_root``, the old root detached).
+- ``netns``: a new network namespace (only a loopback, down), which also scopes abstract
+  Unix sockets; ``ipcns``: a new IPC namespace. ``userns``: as non-root, through a user
+  namespace.
+- ``pidns``: the code is pid 1 of a new pid namespace: it sees and signals no outside
+  process, and everything it starts dies with it.
+- ``cgroup-pids`` / ``cgroup-memory``, where the caller may create cgroups (as root): a
+  cgroup of the run's own capping tasks (threads included: what bounds a fork bomb as root)
+  and memory (tmpfs pages included).
+- ``rlimits`` (always): RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0;
+  ``nproc``: RLIMIT_NPROC at the user's task count plus ``max_processes``, for non-root only.
+- ``caps-dropped``: no capabilities, empty bounding set, no_new_privs.
+- Dying with the caller, leaving nothing: the runner gets SIGTERM when its caller dies
+  (PR_SET_PDEATHSIG, SIGKILL included) and the code gets SIGKILL when the runner dies; on
+  SIGTERM, on the wall-clock timeout (the caller sends SIGTERM, then SIGKILL after a grace),
+  on its own alarm or when the code ends, the runner kills the code and every process it
+  started (it is their child subreaper, so even those that left the session), then removes
+  its cgroups. Cgroups and fallback directories are named ``assist-sbx-<runner pid>-…``, and
+  every runner first sweeps those whose runner is gone (one SIGKILLed itself).
+
+The fallback, where the kernel refuses the namespaces (``isolate=False`` forces it, for
+tests), still has rlimits, no capabilities and the keeper, plus, kernel-enforced where the
+kernel has them: ``landlock-fs`` (Linux 5.13+: reads and execs only of the interpreter,
+stdlib, shared libraries, ``/dev`` nodes and the process's own ``/proc`` entry; writes only in
+the working directory, a real ``/tmp/assist-sbx-…`` directory removed by the runner),
+``landlock-net`` (5.19+: no TCP bind or connect), ``landlock-scope`` (6.12+: no abstract Unix
+socket or signal outside the sandbox) and ``seccomp-net`` (socket(2), io_uring and foreign
+syscall ABIs fail: no new socket at all, path-based Unix ones included; socketpair works).
+What the fallback cannot give: the host's files stay visible to ``stat``, and without
+Landlock only the prelude refuses reads; without pid namespace or cgroups nothing bounds
+processes as root but the prelude (so it forbids forks).
 
 Enforced in-process by a prelude the runner installs before the code, bypassable by
-determined code (``ctypes``, the classes under the wrappers): ``prelude-net`` (sockets
-other than AF_UNIX refuse), ``prelude-fs`` (``open``/``os``-level writes, renames and
-deletions outside the working directory refuse), and only where the kernel layers are
-missing: ``prelude-exec`` (no new programs, which would run without the prelude),
-``prelude-fork`` (no new processes, when nothing bounds their number) and ``prelude-kill``
-(signals only within the session). Without the namespaces (``isolate=False`` shows that
-fallback) the prelude alone keeps the code off the network and off other files (as uid 0
-without capabilities it still owns root's files), children that ``setsid()`` outlive the
-run, and the working directory is a real one bounded only by RLIMIT_FSIZE per file. Give
-untrusted code only to a sandbox whose ``protections`` lists the kernel layers you rely on.
+determined code (``ctypes``, the classes under the wrappers): ``prelude-net`` (sockets refuse;
+Unix ones are allowed only inside a private root and network namespace), ``prelude-fs``
+(``open``/``os``-level writes, renames and deletions outside the working directory refuse),
+and only where the kernel layers are missing: ``prelude-read`` (reads outside the interpreter
+and the working directory), ``prelude-exec`` (no new programs, which would run without the
+prelude), ``prelude-fork`` (no new processes, when nothing bounds their number) and
+``prelude-kill`` (signals only within the session). Give untrusted code only to a sandbox
+whose ``protections`` lists the kernel layers you rely on.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import marshal
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["SandboxResult", "run_python"]
 
 _MAX_CODE = 1 << 20
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
+# The base interpreter, not a virtual environment's link to it: with -I -S the code sees no
+# site-packages anyway, and the private root then needs only this installation's files.
+_PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+_GRACE_S = 3.0  # how long the runner may take to clean up after SIGTERM
+# The runner's bytecode comes first on its stdin, compiled once per process: compiling its
+# source at every start would cost more than the rest of the start-up. Its path stays in
+# the command line, where sweeps and tests look for it.
+_BOOT = ("import marshal, sys\n"
+         "exec(marshal.loads(sys.stdin.buffer.read({size})), "
+         "{{'__name__': '__main__', '__file__': {path!r}}})")
 
 
 @dataclass(frozen=True)
@@ -84,9 +112,9 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256,
     """Run ``code`` in a sandboxed interpreter; blocking (use ``asyncio.to_thread``).
 
     ``max_output`` caps each of stdout and stderr (bytes kept; the rest is drained and
-    dropped); ``max_processes`` caps tasks, threads included, besides the runner's own.
-    ``isolate=False`` skips the namespaces and cgroups: rlimits and the prelude only (the
-    fallback of machines without them, for tests).
+    dropped); ``max_processes`` caps tasks, threads included, besides the sandbox's first.
+    ``isolate=False`` skips the namespaces and cgroups: the fallback of machines without
+    them (Landlock, seccomp, uid ``nobody``, rlimits and the prelude), for tests.
     """
     import selectors
     import subprocess
@@ -95,27 +123,27 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256,
     if len(data) > _MAX_CODE:
         raise ValueError(f"code is {len(data)} bytes; the sandbox takes at most {_MAX_CODE}")
     t0 = time.monotonic()
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="assist-sbx-"))
-    cgroups = _make_cgroups(max_processes + 2, (memory_mb + disk_mb + 64) << 20) if isolate else {}
     report_r, report_w = os.pipe()
-    config = {"workdir": workdir, "memory_mb": memory_mb, "cpu_s": int(timeout_s) + 2,
-              "disk_mb": disk_mb, "nproc": max_processes, "cgroups": cgroups, "report": report_w,
-              "isolate": isolate}
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-           "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    config = {"parent": os.getpid(), "memory_mb": memory_mb, "cpu_s": int(timeout_s) + 2,
+              "timeout_s": timeout_s, "disk_mb": disk_mb, "nproc": max_processes,
+              "max_tasks": max_processes + 1, "max_bytes": (memory_mb + disk_mb + 64) << 20,
+              "report": report_w, "isolate": isolate}
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
     out: dict[int, bytearray] = {}
     dropped = 0
     timed_out = False
     try:
+        runner = _runner_code()
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", "-u", _CHILD, json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
+            [_PYTHON, "-I", "-S", "-B", "-u", "-c", _BOOT.format(size=len(runner), path=_CHILD),
+             json.dumps(config)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
             env=env, start_new_session=True, pass_fds=(report_w,))
         os.close(report_w)
         report_w = -1
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         try:  # the runner reads all of stdin before anything else, so this cannot deadlock
-            proc.stdin.write(data)
+            proc.stdin.write(runner + data)
             proc.stdin.close()
         except BrokenPipeError:
             pass
@@ -138,10 +166,10 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256,
                     buf += chunk[:keep]
                     dropped += len(chunk) - keep
         try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
+            proc.wait(0 if timed_out else max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
-        _kill_all(proc.pid, cgroups)  # leftovers, even after a clean exit
+            _stop(proc)
         returncode = proc.wait()
         stdout, stderr = (bytes(out[s.fileno()]).decode("utf-8", "replace")
                           for s in (proc.stdout, proc.stderr))
@@ -152,13 +180,35 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256,
         for fd in (report_r, report_w):
             if fd >= 0:
                 os.close(fd)
-        _remove_cgroups(cgroups)
-        shutil.rmtree(workdir, onerror=_force_remove)
     return SandboxResult(stdout=stdout, stderr=stderr, returncode=returncode, timed_out=timed_out,
                          killed_reason=_reason(returncode, timed_out),
                          protections=tuple(report.get("active", ())), truncated=dropped > 0,
                          problems=tuple(f"{k}: {v}" for k, v in report.get("problems", {}).items()),
                          seconds=time.monotonic() - t0, pid=proc.pid)
+
+
+@functools.lru_cache(maxsize=1)
+def _runner_code() -> bytes:
+    with open(_CHILD, "rb") as f:
+        return marshal.dumps(compile(f.read(), _CHILD, "exec", dont_inherit=True))
+
+
+def _stop(proc: Any) -> None:
+    """Ask the runner to kill the code and clean up (SIGTERM); SIGKILL it if it does not, and
+    its process group while its pid is still held (the next runner sweeps what is left)."""
+    import subprocess
+
+    try:
+        os.kill(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(_GRACE_S)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _reason(returncode: int, timed_out: bool) -> str | None:
@@ -184,89 +234,3 @@ def _read_report(fd: int) -> dict:
         return json.loads(raw or b"{}")
     except ValueError:
         return {}
-
-
-def _make_cgroups(max_tasks: int, max_bytes: int) -> dict[str, str]:
-    """Child cgroups of our own (v1 pids/memory hierarchies, or v2), where we may create them."""
-    found: dict[str, str] = {}
-    try:
-        lines = open("/proc/self/cgroup").read().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        for kind, knob, value in (("pids", "pids.max", max_tasks),
-                                  ("memory", "memory.limit_in_bytes", max_bytes)):
-            if controllers == kind:
-                _try_cgroup(found, kind, f"/sys/fs/cgroup/{kind}{path}", {knob: value})
-        if controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-            for kind, knob, value in (("pids", "pids.max", max_tasks),
-                                      ("memory", "memory.max", max_bytes)):
-                if kind not in found:
-                    _try_cgroup(found, kind, f"/sys/fs/cgroup{path}", {knob: value})
-    return found
-
-
-def _try_cgroup(found: dict[str, str], kind: str, parent: str, knobs: dict[str, int]) -> None:
-    path = os.path.join(parent, f"assist-sbx-{uuid.uuid4().hex[:12]}")
-    try:
-        os.mkdir(path)
-    except OSError:
-        return
-    try:
-        for knob, value in knobs.items():
-            with open(os.path.join(path, knob), "w") as f:
-                f.write(str(value))
-        found[kind] = path
-    except OSError:
-        os.rmdir(path)
-
-
-def _kill_all(pgid: int, cgroups: dict[str, str]) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for path in cgroups.values():  # tasks that left the process group (setsid) are still here
-        for _ in range(200):
-            try:
-                pids = [int(p) for p in open(os.path.join(path, "cgroup.procs")).read().split()]
-            except OSError:
-                break
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.005)
-
-
-def _remove_cgroups(cgroups: dict[str, str]) -> None:
-    for path in cgroups.values():
-        for _ in range(100):  # killed tasks leave the cgroup once reaped
-            try:
-                os.rmdir(path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.01)
-
-
-def _force_remove(func: object, path: str, exc: object) -> None:
-    """rmtree's error handler: the code may have left directories without write permission."""
-    try:
-        os.chmod(os.path.dirname(path), 0o700)
-        os.chmod(path, 0o700)
-    except OSError:
-        pass
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-

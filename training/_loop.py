@@ -5,12 +5,22 @@ launched by ``torchrun`` (gloo on CPU, NCCL on GPU), and periodic checkpoints: t
 (weights, optimiser, step, loss history) is written atomically every ``checkpoint_every``
 steps, and a resumed run continues from it. Batches are a pure function of (seed, step,
 rank), so a resumed run sees exactly the batches the killed one would have.
+
+Reproducibility across processes: ``seed_stage`` seeds torch, numpy and ``random`` from (run
+seed, stage name) at the start of every stage, so a stage's initialisation (the reward head,
+say) never depends on which stages ran before it in the process; a checkpoint also holds the
+global RNG states at its step, and resuming restores them. Checkpoints hold only tensors and
+plain values and are read with ``torch.load(weights_only=True)``: a crafted file cannot run
+code when it is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import pickle
+import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,13 +28,85 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 
 from training.config import OptimConfig
 from training.progress import Reporter
 
-__all__ = ["Dist", "LoopResult", "StepOutput", "lr_at", "setup_distributed", "train"]
+__all__ = [
+    "CheckpointError",
+    "Dist",
+    "LoopResult",
+    "StepOutput",
+    "load_checkpoint",
+    "lr_at",
+    "rng_state",
+    "seed_stage",
+    "set_rng_state",
+    "setup_distributed",
+    "stage_seed",
+    "train",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded safely; the message says what to do."""
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed of one stage: a function of (run seed, stage name) alone, below 2**32."""
+    digest = hashlib.sha256(f"assist-stage:{seed}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seed_stage(seed: int, stage: str) -> None:
+    """Seed torch (every device), numpy and ``random`` for ``stage``, whatever ran before."""
+    s = stage_seed(seed, stage)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states as tensors and plain values (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's own device
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A training checkpoint, read without unpickling anything but tensors and plain values."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain values, so it is not "
+            "loaded (loading it could run code); delete it to restart that stage") from exc
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint; delete it to restart that stage")
+    return state
 
 
 @dataclass(frozen=True)
@@ -123,10 +205,12 @@ def train(
     )
     start, tokens, losses, metrics = 0, 0, [], {}
     if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=dist.device, weights_only=False)
+        state = load_checkpoint(checkpoint, dist.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, tokens, losses, metrics = state["step"], state["tokens"], state["losses"], state["metrics"]
+        if "rng" in state:  # checkpoints written before RNG states were kept lack it
+            set_rng_state(state["rng"])
         reporter.log(f"{label}: resumed from checkpoint at step {start}")
     wrapped: torch.nn.Module = model
     if dist.enabled:
@@ -158,7 +242,7 @@ def train(
                 if dist.is_main:
                     _save(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                        "step": done, "tokens": tokens, "losses": losses,
-                                       "metrics": metrics})
+                                       "metrics": metrics, "rng": rng_state()})
                     reporter.log(f"{label}: checkpoint step {done}")
                 dist.barrier()
     model.eval()

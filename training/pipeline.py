@@ -4,6 +4,10 @@
 is finished and is never redone by ``--resume``; a stage cut short resumes from its last
 checkpoint. Under ``torchrun`` pretraining and SFT run data-parallel; the tokenizer, the
 reward model and RL run on rank 0 while the other ranks wait.
+
+Every stage seeds torch, numpy and ``random`` from (config seed, stage name) as it starts, so
+a stage run in a fresh process after ``--resume`` gives the same weights, bit for bit, as the
+same stage run straight after the earlier ones in one process.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from evals import diversity
 from evals.tasks import ArithTask, FactsTask
 from training import data, pretrain, reward_model, rl, sft
-from training._loop import Dist, LoopResult, setup_distributed
+from training._loop import CheckpointError, Dist, LoopResult, seed_stage, setup_distributed
 from training._model import n_params, save_stage
 from training.card import write_card
 from training.config import STAGES, RunConfig
@@ -178,7 +182,11 @@ def run(cfg: RunConfig, out: Path, stages: list[str] | None = None, resume: bool
             continue
         solo = Dist(device=dist.device) if not distributed else dist
         t0 = time.perf_counter()
-        metrics = _run_stage(stage, cfg, out, solo, reporter, resume)
+        seed_stage(cfg.seed, stage)  # the stage's own draws, whatever ran before it here
+        try:
+            metrics = _run_stage(stage, cfg, out, solo, reporter, resume)
+        except CheckpointError as exc:
+            raise RunError(str(exc)) from exc
         # The whole stage (sampling, evaluation, saving), beside the loop's own wall_s.
         metrics["stage_wall_s"] = round(time.perf_counter() - t0, 2)
         if dist.is_main:

@@ -13,8 +13,13 @@
 
 Flags of the shorthand form must come before any subcommand word; ``assist eval run -h``
 lists them all. Every user mistake (a bad strategy, a missing task file, an unreachable
-server) ends in one line on stderr and exit status 2, before any model loads; Ctrl-C keeps
-the finished items (exit 130) and ``--resume`` continues. ``assist.cli`` mounts this with
+server, an ``--out`` another eval is writing to, a ``--resume`` with another task, model,
+strategy set or seed than the run in ``--out``) ends in one line on stderr and exit status
+2, before any model loads; Ctrl-C keeps the finished items (exit 130) and ``--resume``
+continues. Runs that errored (the model or the server failed; not wrong answers) count as
+wrong in the results, are listed in ``report.md`` and ``results.json`` (``errors``), and are
+run again by ``--resume``; more than ``--max-error-rate`` of them (default 5%) makes the
+run exit 3 once its results are written. ``assist.cli`` mounts this with
 :func:`add_eval_parser`; ``python -m assist._eval_cli eval ...`` runs it alone.
 """
 
@@ -36,6 +41,8 @@ if TYPE_CHECKING:  # evals builds on assist: the CLI imports it only when a comm
     from evals._config import DiversityConfig, EvalConfig
 
 __all__ = ["add_eval_parser", "main", "measure_diversity"]
+
+ERRORS_EXIT = 3  # the run finished and wrote its results, but too many of its runs errored
 
 TASKS = {
     "arith": "generated multi-step word problems (GSM8K format, `#### N`)",
@@ -114,8 +121,21 @@ class _NoModel:
         pass
 
 
+def _identity(cfg: EvalConfig, task: Any, specs: list[str], items: list,
+              model_name: str | None) -> dict[str, Any]:
+    """What ``--resume`` must find unchanged in ``--out`` (see ``evals.harness.claim``)."""
+    from evals.harness import run_identity
+
+    if cfg.model:
+        model, extra = str(Path(cfg.model).resolve()), {"engine": cfg.engine}
+    else:
+        model, extra = f"{model_name} @ {(cfg.base_url or '').rstrip('/')}", {}
+    return run_identity(task, specs, model=model, seed=cfg.seed, samples=cfg.samples,
+                        items=items, max_tokens=cfg.max_tokens, **extra)
+
+
 async def _evaluate(cfg: EvalConfig, model_name: str | None, task: Any, strategies: dict,
-                    items: list, out: Path) -> list[dict[str, Any]]:
+                    items: list, out: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
     """Open the model inside the loop (the remote client's pool belongs to it), run, close."""
     import assist
     from evals.harness import evaluate, pending
@@ -132,7 +152,7 @@ async def _evaluate(cfg: EvalConfig, model_name: str | None, task: Any, strategi
     try:
         return await evaluate(model, task, strategies, items, samples=cfg.samples,
                               concurrency=cfg.concurrency, seed=cfg.seed, out=out,
-                              resume=cfg.resume)
+                              resume=cfg.resume, identity=identity)
     finally:
         if hasattr(model, "aclose"):
             await model.aclose()
@@ -151,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         config_from_args,
         default_out,
     )
-    from evals.harness import parse_strategies, prepare_strategies
+    from evals.harness import claim, error_stats, locked, parse_strategies, prepare_strategies
     from strategies import SpecError
 
     cfg = config_from_args(EvalConfig, args)
@@ -159,30 +179,56 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(cfg.out) if cfg.out else default_out(Path(cfg.task).stem)
     try:
         specs = check(cfg)
+        if not 0 <= cfg.max_error_rate <= 1:
+            raise EvalError(f"--max-error-rate must be between 0 and 1, not {cfg.max_error_rate}")
         strategies = parse_strategies(specs)
         task = build_task(cfg)
         for problem in getattr(task, "problems", [])[:3]:
             console.print(f"[yellow]skipped {problem}[/yellow]")
         items = task.split("test", cfg.limit)
         model_name = _server_model(cfg) if cfg.base_url else None
+        identity = _identity(cfg, task, specs, items, model_name)
         with contextlib.ExitStack() as stack:
-            out.mkdir(parents=True, exist_ok=True)
+            # The lock before anything touches --out (the rag store, samples, results), held
+            # until the report is written; then the identity check, before any model loads.
+            stack.enter_context(locked(out))
+            claim(out, identity, resume=cfg.resume, console=console)
             ready = prepare_strategies(strategies, task, out=out, stack=stack, console=console,
                                        model_path=Path(cfg.model) if cfg.model else None,
                                        max_tokens=cfg.max_tokens, embedder=cfg.embedder)
-            records = asyncio.run(_evaluate(cfg, model_name, task, ready, items, out))
+            records = asyncio.run(_evaluate(cfg, model_name, task, ready, items, out, identity))
+            errors = error_stats(records)
+            _write(cfg, specs, task, len(items), model_name, out, records, errors)
     except (EvalError, SpecError) as exc:
         return _fail("run", str(exc))
     except KeyboardInterrupt:
         print(f"assist eval run: interrupted; finished items are kept in {out}/samples.jsonl, "
               f"continue with --resume --out {out}", file=sys.stderr)
         return 130
-    _write(cfg, specs, task, len(items), model_name, out, records)
-    return 0
+    if not errors.errored_runs:
+        return 0
+    over = errors.rate > cfg.max_error_rate
+    print(f"assist eval run: {errors.errored_runs} of {errors.runs} runs "
+          f"({100 * errors.rate:.1f}%) errored, on {errors.errored_items} of {errors.items} "
+          f"items, and count as wrong ({'above' if over else 'within'} --max-error-rate "
+          f"{cfg.max_error_rate:g}); first error: {errors.examples[0]}; run them again with "
+          f"--resume --out {out}", file=sys.stderr)
+    return ERRORS_EXIT if over else 0
+
+
+def _errors_section(errors: Any, max_error_rate: float) -> str:
+    lines = [f"## Errors\n\n**{errors.errored_items} of {errors.items} items errored** "
+             f"({errors.errored_records} of {errors.records} item-strategy records, "
+             f"{errors.errored_runs} of {errors.runs} runs, {100 * errors.rate:.1f}%; the "
+             f"threshold --max-error-rate is {100 * max_error_rate:g}%). An errored run is a "
+             "model or transport failure, not an answer: it counts as wrong above, and "
+             "`assist eval run --resume` runs it again.", ""]
+    lines += [f"- `{message[:300]}`" for message in errors.examples]
+    return "\n".join(lines)
 
 
 def _write(cfg: EvalConfig, specs: list[str], task: Any, n_items: int, model_name: str | None,
-           out: Path, records: list[dict[str, Any]]) -> None:
+           out: Path, records: list[dict[str, Any]], errors: Any) -> None:
     from rich.console import Console
 
     from evals.report import rich_table, summarize, write_report, write_results
@@ -194,11 +240,16 @@ def _write(cfg: EvalConfig, specs: list[str], task: Any, n_items: int, model_nam
     model = cfg.model or f"{model_name} @ {cfg.base_url}"
     config.update(strategy_specs=specs, task_name=task.name, items=n_items, served_model=model,
                   task_settings=dataclasses.asdict(task.config) if hasattr(task, "config") else None)
-    write_results(out, summary, config)
+    write_results(out, summary, config, extra={"errors": {
+        **errors._asdict(), "rate": errors.rate, "max_error_rate": cfg.max_error_rate}})
     setup = (f"## Setup\n\n- model: `{model}`\n- task: `{task.name}`, {n_items} test items, "
              f"K={cfg.samples} run(s) each, seed {cfg.seed}\n- strategies: "
-             + ", ".join(f"`{s}`" for s in specs))
-    write_report(out, summary, title=f"{task.name}: {', '.join(specs)}", extra_sections=[setup])
+             + ", ".join(f"`{s}`" for s in specs)
+             + f"\n- errored: {errors.errored_items} of {errors.items} items "
+               f"({errors.errored_runs} of {errors.runs} runs; `--resume` runs them again)")
+    sections = [setup] + ([_errors_section(errors, cfg.max_error_rate)]
+                          if errors.errored_runs else [])
+    write_report(out, summary, title=f"{task.name}: {', '.join(specs)}", extra_sections=sections)
     Console(width=max(160, Console().width)).print(rich_table(summary))  # 9 columns
     print(f"wrote {out}/samples.jsonl, results.json and report.md")
 

@@ -63,7 +63,12 @@ class EvalConfig:
     seed: int = _f(0, "base seed of the sampling strategies")
     max_tokens: int | None = _f(None, "max_tokens of every strategy that has the option")
     out: str | None = _f(None, "output folder (default: runs/eval/<task>-<time>)")
-    resume: bool = _f(False, "continue a run in --out: items already in samples.jsonl are kept")
+    resume: bool = _f(False, "continue a run in --out: finished items in samples.jsonl are kept, "
+                             "errored runs are run again; refused if the task, model, strategy "
+                             "set, seed, --samples, --max-tokens or --engine differ")
+    max_error_rate: float = _f(0.05, "exit 3 (results still written) when more than this share "
+                                     "of runs errored (model or transport failures, not wrong "
+                                     "answers); default 0.05, 0: any error fails the run")
     data_dir: str | None = _f(None, "gsm8k: folder with test.jsonl (default: ../shared/data/gsm8k)")
     extractor: str = _f("strict", "answer extractor of a gsm8k / .jsonl task", EXTRACTOR_NAMES)
     on_bad_line: str = _f("stop", "a malformed .jsonl line: stop (exit 2) or skip it",

@@ -198,13 +198,15 @@ def _commit() -> str:
 
 
 def write_results(out_dir: Path | str, summary: Summary, config: Mapping[str, Any],
-                  *, commit: str | None = None) -> Path:
-    """Write ``results.json`` (summary, config, commit, date); ``commit`` defaults to git's."""
+                  *, commit: str | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``results.json`` (summary, config, commit, date, and ``extra``'s top-level keys,
+    e.g. the CLI's ``errors``); ``commit`` defaults to git's."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     doc = {"commit": commit if commit is not None else _commit(),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": dict(config), "summary": summary}
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": dict(config), "summary": summary,
+           **(extra or {})}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 

@@ -31,21 +31,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from rich.console import Console
 
 from assist._protocol import ChatModel, Messages
 from assist.types import ChatCompletion
 from evals._config import EvalError
+from evals._records import (
+    IDENTITY,
+    LOCK,
+    SAMPLES,
+    ErrorStats,
+    Finished,
+    Record,
+    append_line,
+    claim,
+    error_stats,
+    locked,
+    pending,
+    read_records,
+    replace_atomically,
+    run_identity,
+)
 from evals.tasks import Sample, Task
 from strategies._base import nodes, with_fields
 
@@ -53,12 +67,7 @@ __all__ = ["IDENTITY", "LOCK", "SAMPLES", "ErrorStats", "Record", "claim", "erro
            "evaluate", "length_warning", "locked", "nodes", "parse_strategies", "pending",
            "prepare_strategies", "read_records", "run_identity", "seeded", "with_fields"]
 
-SAMPLES = "samples.jsonl"
-IDENTITY = "identity.json"
-LOCK = ".lock"
 LENGTH_WARN = 0.05  # share of runs cut at max_tokens above which the numbers are suspect
-Record = dict[str, Any]
-Key = tuple[str, str, str]
 
 
 # -- strategies ----------------------------------------------------------------------------
@@ -209,299 +218,6 @@ async def _run_one(model: ChatModel, task: Task, item: Sample, strategy: Any, se
             "seed": seed, "trace": result.trace}
 
 
-# -- samples.jsonl -------------------------------------------------------------------------
-def _key(record: Mapping[str, Any]) -> Key:
-    return str(record["task"]), str(record["strategy"]), str(record["item"])
-
-
-def _final(record: Mapping[str, Any]) -> bool:
-    """Whether a record is finished work: it has runs and none of them errored. An errored
-    run (the model, the transport or the strategy raised) says nothing about the answer, so
-    ``resume`` runs it again instead of counting it as wrong for good."""
-    runs = record.get("runs") or []
-    return bool(runs) and all(run.get("error") is None for run in runs)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file beside it, fsynced, then
-    ``os.replace``. A crash at any point leaves either the old file or the new one whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _append(fd: int, line: str) -> None:
-    """One record line, whole, with a single ``os.write`` on an ``O_APPEND`` file (looping
-    only on a short write). A kill can tear at most this last line, which ``read_records``
-    drops; a line never interleaves with another (one writer holds the lock)."""
-    data = line.encode("utf-8")
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _read_lines(path: Path) -> list[tuple[Record, str]]:
-    """(record, its line) for each line of ``samples.jsonl``; a torn last line is dropped and
-    cut from the file (atomically), so appending starts on a fresh line."""
-    original = path.read_text(encoding="utf-8")
-    lines = original.split("\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    out: list[tuple[Record, str]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            _key(record)
-        except (ValueError, KeyError, TypeError) as exc:
-            if i == last:
-                break
-            raise EvalError(f"{path}:{i + 1}: not a sample record ({exc}); "
-                            "remove the line to resume") from exc
-        out.append((record, line))
-    text = "".join(line + "\n" for _, line in out)
-    if text != original:  # drop the torn tail, end on a newline
-        try:
-            _replace(path, text)
-        except OSError as exc:
-            raise EvalError(f"{path}: cannot drop the torn last line ({exc}); the file is "
-                            "unchanged") from exc
-    return out
-
-
-def read_records(path: Path) -> list[Record]:
-    """The records of a ``samples.jsonl``, in file order (a later record of the same
-    (task, strategy, item) supersedes an earlier one).
-
-    A last line cut off mid-write (the run was killed) is dropped and cut from the file too,
-    through an atomic rewrite; a bad line anywhere else is an EvalError naming
-    ``file:line``, since silently dropping finished work would be worse.
-    """
-    return [record for record, _ in _read_lines(path)]
-
-
-class _Done:
-    """The records already in ``samples.jsonl``: the latest per key, and its line."""
-
-    def __init__(self, path: Path, resume: bool) -> None:
-        self.records: dict[Key, Record] = {}
-        self.lines: dict[Key, str] = {}
-        self.on_disk = 0  # lines in the file, superseded ones included
-        if not path.exists() or not path.stat().st_size:
-            return
-        if not resume:
-            raise EvalError(f"{path} exists: pass --resume to continue that run, or another --out")
-        entries = _read_lines(path)
-        for record, line in entries:
-            self.add(record, line)
-        self.on_disk = len(entries)
-
-    def add(self, record: Record, line: str) -> None:
-        key = _key(record)
-        self.records[key] = record
-        self.lines[key] = line
-
-    def final(self, key: Key) -> bool:
-        return key in self.records and _final(self.records[key])
-
-
-def pending(out: Path, task: Task, names: Sequence[str], items: Sequence[Sample], *,
-            resume: bool) -> int:
-    """How many (item, strategy) records ``evaluate`` would compute, errored ones included
-    (so a caller can skip loading a model when a resumed run is complete); the same errors
-    as ``evaluate``."""
-    done = _Done(out / SAMPLES, resume)
-    return sum(not done.final((task.name, name, item.id)) for item in items for name in names)
-
-
-# -- who owns the folder, and what it holds --------------------------------------------------
-_HELD: dict[str, list[int]] = {}  # realpath of a locked out folder -> [fd, holders] here
-_HELD_GUARD = threading.Lock()
-
-
-@contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold the exclusive lock of ``out`` (``out/.lock``, ``flock``, non-blocking).
-
-    Another process (or another open of the file) holding it makes this an EvalError at
-    once, naming the holder's pid. Re-entrant within one process, so the CLI can take it
-    before setting up and ``evaluate`` again inside; the last holder here releases it. The
-    kernel releases it when the process exits, however it dies, so a SIGKILLed run never
-    leaves a stale lock. (``flock`` is local: two machines sharing ``out`` over NFS are not
-    kept apart.)
-    """
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(out)
-    with _HELD_GUARD:
-        if key in _HELD:
-            _HELD[key][1] += 1
-        else:
-            try:
-                fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise EvalError(f"{out}: cannot create its lock file ({exc})") from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
-                os.close(fd)
-                raise EvalError(f"{out} is in use by another eval (pid {holder}): wait for it to "
-                                "finish, or give another --out") from exc
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            _HELD[key] = [fd, 1]
-    try:
-        yield
-    finally:
-        with _HELD_GUARD:
-            _HELD[key][1] -= 1
-            if not _HELD[key][1]:
-                os.close(_HELD.pop(key)[0])  # closing the only descriptor releases the flock
-
-
-# What each identity key is called on the command line, for the message that refuses it.
-_KEY_FLAGS = {
-    "task": "task (--task)",
-    "dataset": "test data (the task's settings: --task-config, --data-dir or the file's contents)",
-    "scorer": "answer extractor (--extractor)",
-    "model": "model (--model, or --base-url with --model-name)",
-    "engine": "engine (--engine)",
-    "strategies": "strategy set (--strategies)",
-    "seed": "seed (--seed)",
-    "samples": "runs per item (--samples)",
-    "max_tokens": "token limit (--max-tokens)",
-}
-
-
-def _dataset_hash(task: Task, items: Sequence[Sample]) -> str:
-    """A digest of the task's whole test split (ids, questions, answers): ``--limit`` may
-    change on resume, the items behind an id may not."""
-    try:
-        samples = task.split("test")
-    except Exception:  # noqa: BLE001 - a task without a finite test split: hash these items
-        samples = list(items)
-    digest = hashlib.sha256()
-    for s in samples:
-        digest.update(json.dumps([s.id, s.question, s.answer], ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return "sha256:" + digest.hexdigest()[:16]
-
-
-def run_identity(task: Task, strategies: Sequence[str], *, model: str, seed: int, samples: int,
-                 items: Sequence[Sample] = (), **extra: Any) -> dict[str, Any]:
-    """What a run's records depend on, as recorded in ``identity.json``: the task, a digest
-    of its test data, its scorer, ``model``, the strategy set (sorted: order is only
-    presentation), the base seed and K, plus any ``extra`` keys (the CLI adds ``engine`` and
-    ``max_tokens``). ``--limit``, ``--concurrency`` and ``--baseline`` are not identity:
-    they may change on resume."""
-    extractor = getattr(task, "extractor", None)
-    scorer = getattr(extractor, "__name__", None) or type(extractor).__name__
-    return {"task": task.name, "dataset": _dataset_hash(task, items), "scorer": scorer,
-            "model": model, "strategies": sorted(strategies), "seed": seed, "samples": samples,
-            **extra}
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _difference(key: str, then: Any, now: Any) -> str:
-    what = _KEY_FLAGS.get(key, key)
-    if key == "strategies" and isinstance(then, list) and isinstance(now, list):
-        added = [s for s in now if s not in then]
-        missing = [s for s in then if s not in now]
-        parts = ([f"adds {', '.join(added)}"] if added else []) + (
-            [f"leaves out {', '.join(missing)}"] if missing else [])
-        return f"another {what}: this one {' and '.join(parts)} (there: {', '.join(then)})"
-    return f"another {what}: {_show(then)} there, {_show(now)} now"
-
-
-def claim(out: Path, identity: Mapping[str, Any], *, resume: bool,
-          console: Console | None = None) -> None:
-    """Check that this run may write to ``out``, then record its identity there.
-
-    Records already in ``out/samples.jsonl`` need ``resume`` and the same identity; the
-    first key that differs is an EvalError naming it (and its flag). A folder written
-    before identities were recorded is adopted with a warning. Call it holding
-    :func:`locked`.
-    """
-    samples = out / SAMPLES
-    has_records = samples.exists() and samples.stat().st_size > 0
-    if has_records and not resume:
-        raise EvalError(f"{samples} exists: pass --resume to continue that run, or another --out")
-    for stale in out.glob(".*.tmp"):  # a rewrite killed midway; the lock says it is dead
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    path = out / IDENTITY
-    saved: dict[str, Any] | None = None
-    if path.exists():
-        try:
-            saved = dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError) as exc:
-            raise EvalError(f"{path}: not a run identity ({exc}); restore it or use another "
-                            "--out") from exc
-    now = json.loads(json.dumps(dict(identity), default=str))  # as it would read back
-    if has_records:
-        if saved is None:
-            (console or Console(stderr=True)).print(
-                f"[yellow]warning: {out} records no identity (written by an older version); "
-                "adopting this run's task, model, strategies and seed unchecked[/yellow]")
-        else:
-            for key in [*saved, *(k for k in now if k not in saved)]:
-                then_v, now_v = saved.get(key), now.get(key)
-                if then_v != now_v:
-                    raise EvalError(f"--resume: {out} holds a run with "
-                                    f"{_difference(key, then_v, now_v)}; resume with the same "
-                                    "settings, or give another --out")
-    if saved != now:
-        _replace(path, json.dumps(now, indent=2, ensure_ascii=False) + "\n")
-
-
-class ErrorStats(NamedTuple):
-    runs: int
-    errored_runs: int
-    records: int  # (task, strategy, item) records
-    errored_records: int  # records with an errored run (or none at all)
-    items: int  # distinct items
-    errored_items: int  # items with an errored record
-    examples: list[str]  # distinct error messages, the first three
-
-    @property
-    def rate(self) -> float:
-        """The share of runs that errored (0 when there are none)."""
-        return self.errored_runs / self.runs if self.runs else 0.0
-
-
-def error_stats(records: Sequence[Record]) -> ErrorStats:
-    """How many runs, records and items of ``records`` errored, with a few of the messages."""
-    runs = [run for rec in records for run in (rec.get("runs") or [{"error": "no runs"}])]
-    errors = [str(run["error"]) for run in runs if run.get("error") is not None]
-    bad = [rec for rec in records if not _final(rec)]
-    return ErrorStats(runs=len(runs), errored_runs=len(errors), records=len(records),
-                      errored_records=len(bad), items=len({rec["item"] for rec in records}),
-                      errored_items=len({rec["item"] for rec in bad}),
-                      examples=list(dict.fromkeys(errors))[:3])
-
-
 class _RetryCounter(logging.Handler):
     """Counts the remote client's retry and failover warnings while attached."""
 
@@ -603,7 +319,7 @@ async def _evaluate(
     console: Console,
 ) -> list[Record]:
     path = out / SAMPLES
-    done = _Done(path, resume)
+    done = Finished(path, resume)
     keys = [(task.name, name, item.id) for item in items for name in strategies]
     todo = [(item, name) for item in items for name in strategies
             if not done.final((task.name, name, item.id))]
@@ -627,7 +343,7 @@ async def _evaluate(
         record = {"task": task.name, "strategy": name, "item": item.id, "question": item.question,
                   "reference": item.answer, "runs": runs}
         line = json.dumps(record, default=str)
-        _append(fd, line + "\n")  # on disk (page cache) before the next one: resume trusts it
+        append_line(fd, line + "\n")  # on disk (page cache) before the next one: resume trusts it
         appended += 1
         done.add(record, line)
         bar.advance({"runs": list(fresh)})
@@ -645,7 +361,7 @@ async def _evaluate(
         remote_log.removeHandler(retries)
     if done.on_disk + appended > len(done.lines):  # superseded records: one line per key
         try:
-            _replace(path, "".join(line + "\n" for line in done.lines.values()))
+            replace_atomically(path, "".join(line + "\n" for line in done.lines.values()))
         except OSError as exc:  # every record is already on disk: later lines win on reading
             console.print(f"[yellow]warning: could not compact {path} ({exc}); it keeps "
                           "superseded records, which readers skip[/yellow]")

@@ -29,6 +29,7 @@ import pytest
 import assist
 import strategies
 from assist._eval_cli import main as eval_main
+from assist.errors import UpstreamError
 from assist.types import ChatCompletion, Choice, Message, Usage
 from evals._config import EvalError
 from evals.harness import IDENTITY, LOCK, SAMPLES, evaluate, locked, read_records
@@ -65,7 +66,9 @@ class Model:
         if self.fail_after is not None and len(self.calls) > self.fail_after:
             raise ConnectionError("upstream went away")
         if any(question.startswith(q) for q in self.fail_on):
-            raise ConnectionError("upstream went away")
+            # an answered 502, not a crash: a 500 from an unhandled exception makes uvicorn
+            # drop the keep-alive connection, which would fail the *next* item as well
+            raise UpstreamError("the upstream failed this item")
         await asyncio.sleep(self.delay)
         n = int(kwargs.get("n", 1))
         choices = [Choice(index=i, message=Message(role="assistant", content=f"#### {gold(question)}"),

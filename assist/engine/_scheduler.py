@@ -10,17 +10,26 @@ A request may carry a grammar (``SamplingParams.grammar``): each of its sequence
 own constraint, which masks the logits before every sample, so the output is enforced
 rather than hoped for. Reported logprobs stay those of the raw model distribution (vLLM's
 default ``raw_logprobs``): a forced token shows how unlikely the model found it.
+
+One request never fails the others: parameters are checked at ``submit`` (a bad one raises
+to its caller), each request's setup (seeded generators, any integer seed taken modulo
+2**63; grammar states) runs before it joins a prefill and fails only its own future, and
+sampling failures fail only their rows' requests. Stop strings are searched for only where
+one could have appeared since the last token, so a step costs the longest stop's length,
+not the whole text times the stop strings.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import math
+import operator
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -42,6 +51,11 @@ __all__ = [
 
 # Below this temperature sampling is greedy: dividing logits by ~0 overflows (vLLM's rule too).
 SAMPLING_EPS = 1e-5
+
+
+# Seeds are taken modulo 2**63 (what a torch generator holds), so any integer a client sends
+# seeds its request instead of failing the batch it joined; seeds below it are unchanged.
+SEED_MODULUS = 1 << 63
 
 
 # Padded tokens one batched prefill may hold: big enough to prefill a burst of requests
@@ -121,6 +135,8 @@ class _Request:
     started: float = 0.0
     outputs: list[SeqOutput] = field(default_factory=list)
     generators: list[torch.Generator | None] = field(default_factory=list)
+    constraints: list[Constraint | None] = field(default_factory=list)
+    stop_window: int = 0  # the longest stop string's length
     pending: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
@@ -132,6 +148,7 @@ class _Seq:
     length: int  # tokens in the cache
     next_token: int  # sampled, not yet fed
     constraint: Constraint | None = None
+    checked: int = 0  # no stop string ends within text[:checked] (the text's settled part)
 
 
 def _resolve(request: _Request) -> None:
@@ -174,6 +191,41 @@ def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
     return list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
+def _validate(p: SamplingParams, vocab_size: int) -> None:
+    """Refuse parameters no request may carry (each named), before the request is queued."""
+    def whole(name: str, value: object, low: int, high: int | None = None) -> None:
+        if type(value) is not int or value < low or (high is not None and value > high):
+            bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise BadRequest(f"{name} must be an integer {bound}, not {value!r}", param=name)
+
+    def real(name: str, value: object, ok: Callable[[float], bool], what: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                or not ok(value):
+            raise BadRequest(f"{name} must be {what}, not {value!r}", param=name)
+
+    whole("n", p.n, 1)
+    whole("max_tokens", p.max_tokens, 0)
+    whole("top_k", p.top_k, 0)
+    whole("top_logprobs", p.top_logprobs, 0, vocab_size)
+    if p.prompt_logprobs is not None:
+        whole("prompt_logprobs", p.prompt_logprobs, 0, vocab_size)
+    real("temperature", p.temperature, lambda v: v >= 0, "a finite number >= 0")
+    real("top_p", p.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+    if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int)):
+        raise BadRequest(f"seed must be an integer, not {p.seed!r}", param="seed")
+    if not isinstance(p.stop, tuple | list) or not all(isinstance(x, str) and x for x in p.stop):
+        raise BadRequest("stop must be non-empty strings", param="stop")
+    if not all(type(i) is int for i in p.stop_token_ids):
+        raise BadRequest("stop_token_ids must be integers", param="stop_token_ids")
+
+
+def _seed(seed: int | None, i: int) -> int:
+    """Sample ``i``'s generator seed: any integer, reduced to what a generator holds."""
+    if seed is None:
+        return torch.seed() % (1 << 62)
+    return (operator.index(seed) + i) % SEED_MODULUS
+
+
 class Scheduler:
     def __init__(
         self, runner: LlamaRunner, decode: Callable[[Sequence[int]], str], eos_ids: Sequence[int],
@@ -188,6 +240,8 @@ class Scheduler:
         self.cond = threading.Condition()
         self.closed = False
         self.steps = 0
+        cfg: Any = runner.cfg
+        self.vocab_size = int(cfg.vocab_size)  # the embedding's rows: what a prompt id may be
         self.thread = threading.Thread(target=self._loop, name="assist-engine", daemon=True)
         self.thread.start()
 
@@ -195,9 +249,17 @@ class Scheduler:
     def submit(self, prompt: Sequence[int], params: SamplingParams,
                on_token: Callable[[int, SeqOutput], None] | None = None,
                ) -> concurrent.futures.Future[RequestOutput]:
-        """Queue a request. ``on_token`` runs on the engine thread after every sampled token."""
+        """Queue a request. ``on_token`` runs on the engine thread after every sampled token.
+
+        Parameters are checked here, so a bad one fails this call alone; whatever still goes
+        wrong while a request is set up or sampled fails that request's future, never the
+        batch it joined.
+        """
         if not prompt:
             raise BadRequest("the prompt is empty", param="prompt")
+        if not all(type(i) is int and 0 <= i < self.vocab_size for i in prompt):
+            raise BadRequest(f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
+        _validate(params, self.vocab_size)
         if params.n > self.runner.slots:
             raise BadRequest(f"n={params.n} exceeds the engine's {self.runner.slots} slots", param="n")
         # Scoring a prompt (max_tokens=0) may fill the whole context; generating needs room.
@@ -255,6 +317,9 @@ class Scheduler:
             taken = self._take()
             if not taken:
                 return
+            taken = [r for r in taken if self._prepare(r)]
+            if not taken:
+                continue
             try:
                 if len(taken) == 1 and _alone(taken[0].params):
                     self._start(taken[0])
@@ -293,6 +358,24 @@ class Scheduler:
                 if _alone(p):
                     break
         return taken
+
+    def _prepare(self, request: _Request) -> bool:
+        """Per-request setup before its prefill (generators, grammar states). A failure fails
+        this request alone, and it never joins the batch: False."""
+        p = request.params
+        try:
+            for i in range(p.n):
+                g = None
+                if p.temperature >= SAMPLING_EPS:
+                    g = torch.Generator(device=self.runner.device)
+                    g.manual_seed(_seed(p.seed, i))
+                request.generators.append(g)
+                request.constraints.append(p.grammar.new() if p.grammar is not None else None)
+            request.stop_window = max(map(len, p.stop), default=0)
+        except Exception as exc:  # noqa: BLE001 - one request's parameters fail that request only
+            _fail(request.future, exc)
+            return False
+        return True
 
     def _start(self, request: _Request) -> None:
         """Prefill one request (scoring its prompt when asked) and sample its first tokens."""
@@ -339,21 +422,15 @@ class Scheduler:
         """Sequences for freshly prefilled requests, whose caches sit in the next slots (one
         per request, in order): sample ``i`` of a request copies its request's slot."""
         base = len(self.active)
-        device = self.runner.device
         firsts: list[_Seq] = []
         extra: list[tuple[int, _Seq]] = []
         for b, request in enumerate(requests):
             p = request.params
             request.pending = p.n
             for i in range(p.n):
-                g = None
-                if p.temperature >= SAMPLING_EPS:
-                    g = torch.Generator(device=device)
-                    g.manual_seed(p.seed + i if p.seed is not None else torch.seed() % (1 << 62))
-                request.generators.append(g)
                 out = SeqOutput(index=i, prompt_logprobs=request.prompt_logprobs)
                 request.outputs.append(out)
-                seq = _Seq(request, out, len(request.prompt), -1, p.grammar.new() if p.grammar else None)
+                seq = _Seq(request, out, len(request.prompt), -1, request.constraints[i])
                 if i == 0:
                     firsts.append(seq)
                 else:
@@ -396,6 +473,8 @@ class Scheduler:
         logp = torch.log_softmax(logits, -1) if any(s.request.params.logprobs for s in self.active) else None
         for i, s in enumerate(list(self.active)):
             s.length += 1
+            if s.request.future.done():  # failed or cancelled: freed by the sweep below
+                continue
             try:
                 self._accept(s, logits[i], s.request.generators[s.out.index], picks[i],
                              None if logp is None else logp[i])
@@ -414,10 +493,17 @@ class Scheduler:
             if p.temperature >= SAMPLING_EPS and s.constraint is None:
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         for (temperature, top_k, top_p), rows in groups.items():
-            filtered = filter_logits(logits[rows] / temperature, top_k, top_p)
-            noise = torch.stack([_gumbel(logits.shape[-1], self.active[i].request.generators[
-                self.active[i].out.index], logits.device) for i in rows])
-            for i, token in zip(rows, (filtered + noise).argmax(-1).tolist(), strict=True):
+            try:
+                filtered = filter_logits(logits[rows] / temperature, top_k, top_p)
+                noise = torch.stack([_gumbel(logits.shape[-1], self.active[i].request.generators[
+                    self.active[i].out.index], logits.device) for i in rows])
+                tokens = (filtered + noise).argmax(-1).tolist()
+            except Exception as exc:  # noqa: BLE001 - these rows' requests fail, not the batch
+                for i in rows:
+                    self.active[i].out.finish_reason = "error"
+                    _fail(self.active[i].request.future, exc)
+                continue
+            for i, token in zip(rows, tokens, strict=True):
                 picks[i] = token
 
     def _accept(self, seq: _Seq, logits: torch.Tensor, g: torch.Generator | None,
@@ -458,10 +544,8 @@ class Scheduler:
         else:
             if live:
                 out.text = self.decode(out.token_ids)
-                hit = min((i for i in (out.text.find(s) for s in p.stop) if i >= 0), default=-1)
-                if hit >= 0:
-                    out.text = out.text[:hit]
-                    out.finish_reason = "stop"
+                if p.stop:
+                    self._find_stop(seq)
             if out.finish_reason is None:
                 if grammar_done:
                     out.finish_reason = "stop"
@@ -474,6 +558,27 @@ class Scheduler:
                 seq.request.on_token(token, out)
             except Exception as exc:  # noqa: BLE001 - a broken listener fails its request only
                 _fail(seq.request.future, exc)
+
+    @staticmethod
+    def _find_stop(seq: _Seq) -> None:
+        """Cut ``seq``'s text at the first stop string, looking only where one could have
+        appeared since the last token: from the longest stop's length before the settled
+        text's end. A step costs the new text plus that window, not the whole text times the
+        stop strings."""
+        out, stops = seq.out, seq.request.params.stop
+        text = out.text
+        window = seq.request.stop_window or max(map(len, stops))
+        start = max(0, seq.checked - window + 1)
+        hit = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+        if hit >= 0:
+            out.text = text[:hit]
+            out.finish_reason = "stop"
+            return
+        # An incomplete UTF-8 character decodes as U+FFFD and changes with the next token.
+        settled = len(text)
+        while settled > 0 and text[settled - 1] == "\ufffd":
+            settled -= 1
+        seq.checked = settled
 
     def _sweep(self) -> None:
         """Release finished or cancelled sequences; compact the batch; resolve requests."""

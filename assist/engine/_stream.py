@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -72,15 +73,62 @@ async def _events(engine: TorchEngine, prompt: list[int], params: SamplingParams
         future.cancel()  # a consumer that left frees the slots (a no-op once done)
 
 
+@functools.lru_cache(maxsize=256)
+def _borders(marker: str) -> tuple[int, ...]:
+    """KMP's prefix function: entry k is the longest proper border of ``marker[:k + 1]``."""
+    fail = [0] * len(marker)
+    k = 0
+    for i in range(1, len(marker)):
+        while k and marker[i] != marker[k]:
+            k = fail[k - 1]
+        if marker[i] == marker[k]:
+            k += 1
+        fail[i] = k
+    return tuple(fail)
+
+
 def _held_tail(text: str, markers: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of some marker."""
-    best = 0
-    for m in markers:
-        for k in range(min(len(m) - 1, len(text)), best, -1):
-            if text.endswith(m[:k]):
-                best = k
-                break
-    return best
+    tail = _Tail(markers)
+    tail.feed(text, len(text))
+    return tail.held()
+
+
+class _Tail:
+    """The longest suffix of a growing text that is a proper prefix of a marker, kept up to date
+    one character at a time (a KMP automaton per marker): a step costs the new characters,
+    never the markers' lengths, however long the stop strings."""
+
+    def __init__(self, markers: Sequence[str]) -> None:
+        self.markers = [(m, _borders(m)) for m in dict.fromkeys(markers) if m]
+        self.states = [0] * len(self.markers)
+        self.fed = 0
+
+    def feed(self, text: str, upto: int) -> None:
+        """Advance over ``text[self.fed:upto]``."""
+        if upto < self.fed:  # the text shrank (it never does): start over
+            self.states, self.fed = [0] * len(self.markers), 0
+        for j, (m, fail) in enumerate(self.markers):
+            k, n, i = self.states[j], len(m), self.fed
+            while i < upto:
+                if k == 0:  # skip to the next place the marker could start
+                    i = text.find(m[0], i, upto)
+                    if i < 0:
+                        break
+                c = text[i]
+                while k == n or (k and m[k] != c):
+                    k = fail[k - 1]
+                if m[k] == c:
+                    k += 1
+                i += 1
+            self.states[j] = k
+        self.fed = upto
+
+    def held(self) -> int:
+        best = 0
+        for (m, fail), k in zip(self.markers, self.states, strict=True):
+            best = max(best, k if k < len(m) else fail[k - 1])
+        return best
 
 
 class _Gate:
@@ -89,16 +137,23 @@ class _Gate:
     def __init__(self, stops: Sequence[str], tools: bool) -> None:
         self.cut = (TOOL_CALL_START,) if tools else ()
         self.markers = tuple(stops) + self.cut
+        self.tail = _Tail(self.markers)
         self.sent = 0
 
     def step(self, text: str) -> str:
-        end = len(text)
+        # An incomplete UTF-8 character decodes as U+FFFD and changes with the next token: the
+        # settled text ends before it.
+        settled = len(text)
+        while settled > 0 and text[settled - 1] == "\ufffd":
+            settled -= 1
+        self.tail.feed(text, settled)
+        end = settled
         for m in self.cut:  # from a tool call on, everything waits for the parser
             i = text.find(m, self.sent)
             if i >= 0:
                 end = min(end, i)
-        if end == len(text):
-            end -= _held_tail(text, self.markers)
+        if end == settled:
+            end -= self.tail.held()
         while end > self.sent and text[end - 1] == "\ufffd":
             end -= 1
         delta = text[self.sent:end] if end > self.sent else ""

@@ -12,22 +12,29 @@ Arguments are checked here, before anything is queued, so a bad request is a
 :class:`assist.errors.BadRequest` naming its parameter and a full queue is
 :class:`assist.errors.Overloaded`. Cancelling a call (or closing a stream) cancels its
 generation, which frees its batch slots on the next step.
+
+Chat prompts are encoded by :class:`assist._chat_format.ChatEncoder`: only the template's own
+special tokens are control tokens; message contents, tool results and tool definitions are
+tokenized with special tokens split, so text can never fake a turn or a tool call. ``chat``
+and ``complete`` prepare a request (template, tokenizing, grammar compiling) in a worker
+thread, so a long prompt or schema never blocks the caller's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from assist._chat_format import ChatEncoder, content_text
 from assist._protocol import Messages
 from assist.engine import _stream
 from assist.engine._grammar import Grammar, GrammarCache, parse_calls, plan_tools
@@ -50,13 +57,6 @@ from assist.types import (
 __all__ = ["TorchEngine"]
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs (vLLM's default for legacy logprobs)
-
-
-def _content_text(content: Any) -> Any:
-    """OpenAI content parts ``[{"type": "text", "text": ...}]`` as the plain text they hold."""
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-    return content
 
 
 class TorchEngine:
@@ -97,11 +97,17 @@ class TorchEngine:
         self.scheduler = Scheduler(self.runner, decode, self.eos_ids)
         self.context_length = self.runner.max_len
         self._pieces: dict[int, str] = {}
+        self._grammars: GrammarCache | None = None
+        self._grammars_lock = threading.Lock()
+        self.chat_encoder = ChatEncoder(self.tokenizer)
 
-    @cached_property
+    @property
     def grammars(self) -> GrammarCache:
         """Built on first use, so a tokenizer xgrammar cannot read only fails constrained requests."""
-        return GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
+        with self._grammars_lock:  # requests are prepared on worker threads
+            if self._grammars is None:
+                self._grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
+            return self._grammars
 
     # -- text <-> tokens --------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -121,13 +127,12 @@ class TorchEngine:
         """The chat prompt's ids: the checkpoint's template, ending with the assistant's turn."""
         if not messages:
             raise BadRequest("messages must not be empty", param="messages")
-        msgs = [{**m, "content": _content_text(m.get("content"))} for m in messages]
+        msgs = [{**m, "content": content_text(m.get("content"))} for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(msgs, tools=list(tools) if tools else None,
-                                                      tokenize=False, add_generation_prompt=True)
+            # Only the template writes control tokens; every content is tokenized as text.
+            return self.chat_encoder.encode(msgs, list(tools) if tools else None, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 - a template that cannot render these messages
             raise BadRequest(f"cannot render the messages: {exc}", param="messages") from exc
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     # -- checks ---------------------------------------------------------------------------------
     def _check(self, *, n: int, temperature: float, top_p: float, max_tokens: int | None, seed: int | None,
@@ -229,10 +234,11 @@ class TorchEngine:
         response_format: Mapping[str, Any] | None = None, logprobs: bool = False, top_logprobs: int = 0,
         top_k: int = 0, ignore_eos: bool = False,
     ) -> ChatCompletion:
-        prompt, params, parse = self._chat_request(
-            messages, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
-            tools=tools, tool_choice=tool_choice, response_format=response_format, logprobs=logprobs,
-            top_logprobs=top_logprobs, top_k=top_k, ignore_eos=ignore_eos)
+        # Prepared in a worker: the template, tokenizing and a grammar compile never block the loop.
+        prompt, params, parse = await asyncio.to_thread(
+            self._chat_request, messages, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+            stop=stop, seed=seed, tools=tools, tool_choice=tool_choice, response_format=response_format,
+            logprobs=logprobs, top_logprobs=top_logprobs, top_k=top_k, ignore_eos=ignore_eos)
         # Cancelling this await cancels the scheduler's future (wrap_future chains it back).
         result = await asyncio.wrap_future(self.scheduler.submit(prompt, params))
         return self.completion(result, tools=parse)
@@ -286,9 +292,9 @@ class TorchEngine:
     ) -> dict[str, Any]:
         """An OpenAI ``text_completion`` object. ``echo`` prepends the prompt (with its logprobs
         when ``logprobs`` is set, scored by the same prefill); ``max_tokens=0`` only scores."""
-        ids, text, params = self._completion_request(
-            prompt, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
-            echo=echo, logprobs=logprobs, top_k=top_k, ignore_eos=ignore_eos)
+        ids, text, params = await asyncio.to_thread(
+            self._completion_request, prompt, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+            stop=stop, seed=seed, echo=echo, logprobs=logprobs, top_k=top_k, ignore_eos=ignore_eos)
         result = await asyncio.wrap_future(self.scheduler.submit(ids, params))
         choices = []
         for out in result.outputs:
@@ -319,6 +325,8 @@ class TorchEngine:
 
     def close(self) -> None:
         self.scheduler.close()
+        if self._grammars is not None:
+            self._grammars.close()
 
     def __enter__(self) -> TorchEngine:
         return self

@@ -12,6 +12,18 @@ a watchdog process blocked on a pipe only the owner writes: at EOF it ends the g
 (``PR_SET_PDEATHSIG`` would not do: it follows the spawning *thread*, and reaches only the
 API server, whose sudden death leaves vLLM's EngineCore orphaned, as measured here.)
 Output goes to a log, temporary unless ``log_path`` is given and kept if the start fails.
+
+Plain text stays text. vLLM's chat endpoint renders ``messages`` with the chat template and
+tokenizes the resulting *string*, so a ``<|im_end|>`` typed in a message becomes the real
+control token (vLLM has no option to split special tokens in message content; measured on
+vLLM 0.32: one user message faked two extra turns). So chat requests to our child carry
+their prompt as token ids, encoded here by :class:`assist._chat_format.ChatEncoder` from the
+checkpoint's own tokenizer, in ``kv_transfer_params.prompt_token_ids``: vLLM (0.32 and later)
+then skips its template and tokenizer and feeds those ids to the model, while its tool-call
+parser, structured outputs and sampling work as before (:func:`chat_body`). A client's own
+``kv_transfer_params`` is dropped (it would put any ids in the prompt), and the options under
+which vLLM would render the messages itself anyway (``echo``, ``continue_final_message``,
+``add_generation_prompt: false``, a ``chat_template``) are refused.
 """
 
 from __future__ import annotations
@@ -28,18 +40,21 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from assist._chat_format import ChatEncoder, content_text
 from assist._protocol import Messages
 from assist._remote import RemoteChatModel
+from assist.errors import BadRequest
 from assist.types import ChatCompletion
 
-__all__ = ["VLLMEngine", "VLLMServer", "VLLMStartError", "group_alive", "require_vllm"]
+__all__ = ["VLLMClient", "VLLMEngine", "VLLMServer", "VLLMStartError", "chat_body", "group_alive",
+           "require_vllm"]
 
 # Runs as `python -c WATCHDOG FD PGID GRACE LOG`: EOF on FD while the group lives means the
 # owner is gone, however it died: then end the group and remove LOG (a temporary log nobody
@@ -69,6 +84,32 @@ for sig in (signal.SIGTERM, signal.SIGKILL):
 if log and os.path.exists(log):
     os.unlink(log)
 """
+
+
+# Chat options under which vLLM renders the messages itself, ignoring given prompt ids.
+_RENDERING_OPTIONS = ("echo", "continue_final_message", "chat_template", "chat_template_kwargs")
+
+
+def chat_body(body: Mapping[str, Any], encoder: ChatEncoder) -> dict[str, Any]:
+    """A ``/v1/chat/completions`` body whose prompt vLLM takes as token ids encoded here, so
+    no message, tool result or tool definition can put a control token in it (see the module
+    docstring). Content parts are flattened to their text, as the torch engine does."""
+    out = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    for key in _RENDERING_OPTIONS:
+        if out.get(key):
+            raise BadRequest(f"{key} is not supported: assist tokenizes the prompt itself", param=key)
+    if out.get("add_generation_prompt", True) is False:
+        raise BadRequest("add_generation_prompt must be true", param="add_generation_prompt")
+    messages = out.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list", param="messages")
+    flat = [{**m, "content": content_text(m.get("content"))} if isinstance(m, Mapping) else m for m in messages]
+    tools = out.get("tools") or None
+    try:
+        ids = encoder.encode(flat, tools)
+    except Exception as exc:  # noqa: BLE001 - messages the template cannot render
+        raise BadRequest(f"cannot render the messages: {exc}", param="messages") from exc
+    return {**out, "messages": flat, "kv_transfer_params": {"prompt_token_ids": ids}}
 
 
 class VLLMStartError(RuntimeError):
@@ -205,6 +246,22 @@ class VLLMServer:
         self._given_log = self.log_path = Path(log_path) if log_path else None
         self._child: _Child | None = None
         self._finalizer: weakref.finalize[Any, VLLMServer] | None = None
+        self._encoder: ChatEncoder | None = None
+        self._encoder_lock = threading.Lock()
+
+    @property
+    def encoder(self) -> ChatEncoder:
+        """The checkpoint's tokenizer as a :class:`ChatEncoder` (loaded on first use)."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                from transformers import AutoTokenizer
+
+                self._encoder = ChatEncoder(AutoTokenizer.from_pretrained(self.model_path))
+            return self._encoder
+
+    async def chat_body(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """:func:`chat_body` for this server, encoded in a worker thread (never on the loop)."""
+        return await asyncio.to_thread(lambda: chat_body(body, self.encoder))
 
     def __repr__(self) -> str:
         return f"VLLMServer({self.model_path!r}, base_url={self.base_url!r}, pid={self.pid})"
@@ -330,6 +387,26 @@ class VLLMServer:
         self.close()
 
 
+class VLLMClient(RemoteChatModel):
+    """A :class:`RemoteChatModel` over our vLLM child whose every chat request (``chat``, and
+    raw ``post``/``stream`` to ``/v1/chat/completions``, as the server's upstream backend
+    sends them) carries its prompt as token ids encoded here (:func:`chat_body`)."""
+
+    def __init__(self, server: VLLMServer, **options: Any) -> None:
+        super().__init__(server.base_url, server.served_model_name, **options)
+        self.server = server
+
+    async def _safe(self, path: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        return await self.server.chat_body(body) if path.rstrip("/").endswith("/chat/completions") else body
+
+    async def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return await super().post(path, await self._safe(path, body))
+
+    async def stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in super().stream(path, await self._safe(path, body)):
+            yield chunk
+
+
 class VLLMEngine:
     """``assist.load(path, engine="vllm")``: a vLLM server child and a ChatModel over it.
 
@@ -346,8 +423,7 @@ class VLLMEngine:
         self.context_length: int | None = self.server.max_model_len
         # RemoteChatModel keeps one connection pool per event loop, so this one client serves
         # every ``asyncio.run`` a script makes.
-        self.remote = RemoteChatModel(self.server.base_url, self.server.served_model_name,
-                                      timeout=api_timeout, max_retries=max_retries)
+        self.remote = VLLMClient(self.server, timeout=api_timeout, max_retries=max_retries)
 
     async def chat(
         self, messages: Messages, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
@@ -355,7 +431,8 @@ class VLLMEngine:
         seed: int | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
         response_format: Mapping[str, Any] | None = None, logprobs: bool = False, **extra: Any,
     ) -> ChatCompletion:
-        """One chat completion; ``extra`` (tool_choice, top_k, ...) goes into vLLM's body."""
+        """One chat completion; ``extra`` (tool_choice, top_k, ...) goes into vLLM's body. The
+        prompt goes as token ids encoded here (:class:`VLLMClient`), so text stays text."""
         return await self.remote.chat(
             messages, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
             stop=stop, seed=seed, tools=tools, response_format=response_format,

@@ -29,7 +29,7 @@ from assist._chat_format import IM_END
 from evals.tasks import ArithTask, Sample
 from evals.tasks.arith import orders, solution_in_order
 from strategies._reward import reward_scores
-from training._loop import Dist, LoopResult, StepOutput, train
+from training._loop import Dist, LoopResult, StepOutput, stage_seed, train
 from training.config import RunConfig
 from training.conversations import slipped_attempt
 from training.progress import Reporter
@@ -96,6 +96,12 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
     rm = AutoModelForSequenceClassification.from_pretrained(
         out / "sft", num_labels=1, dtype=torch.float32).to(dist.device)
     rm.config.pad_token_id = tok.pad_token_id
+    # The head is new: initialise it from its own generator, so it is the same whatever the
+    # process did before (transformers would draw it from the global RNG).
+    head = torch.Generator().manual_seed(stage_seed(cfg.seed, "rm-head"))
+    with torch.no_grad():
+        weight = rm.score.weight
+        weight.copy_(torch.randn(weight.shape, generator=head) * rm.config.initializer_range)
     r = cfg.rm
 
     def step_fn(m: torch.nn.Module, step: int) -> StepOutput:

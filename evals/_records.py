@@ -28,7 +28,7 @@ from evals._config import EvalError
 from evals.tasks import Sample, Task
 
 __all__ = ["IDENTITY", "LOCK", "SAMPLES", "ErrorStats", "Finished", "Key", "Record", "append_line", "claim",
-           "error_stats", "locked", "replace_atomically",
+           "error_stats", "locked", "replace_atomically", "retryable",
            "pending", "read_records", "run_identity"]
 
 SAMPLES = "samples.jsonl"
@@ -48,7 +48,14 @@ def _final(record: Mapping[str, Any]) -> bool:
     run (the model, the transport or the strategy raised) says nothing about the answer, so
     ``resume`` runs it again instead of counting it as wrong for good."""
     runs = record.get("runs") or []
-    return bool(runs) and all(run.get("error") is None for run in runs)
+    return bool(runs) and not any(retryable(run) for run in runs)
+
+
+def retryable(run: Mapping[str, Any]) -> bool:
+    """Whether a run errored in a way another try may not repeat (the server, the transport).
+    A refusal the model will always give — the strategy's conversation outgrew the context,
+    say — is recorded with ``retry: false``: a wrong answer for good, not an error."""
+    return run.get("error") is not None and bool(run.get("retry", True))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -323,7 +330,7 @@ class ErrorStats(NamedTuple):
 def error_stats(records: Sequence[Record]) -> ErrorStats:
     """How many runs, records and items of ``records`` errored, with a few of the messages."""
     runs = [run for rec in records for run in (rec.get("runs") or [{"error": "no runs"}])]
-    errors = [str(run["error"]) for run in runs if run.get("error") is not None]
+    errors = [str(run["error"]) for run in runs if retryable(run)]
     bad = [rec for rec in records if not _final(rec)]
     return ErrorStats(runs=len(runs), errored_runs=len(errors), records=len(records),
                       errored_records=len(bad), items=len({rec["item"] for rec in records}),

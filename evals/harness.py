@@ -13,7 +13,9 @@ counts), not the strategy's own extraction. Run j of every strategy gets seed ``
 (on a per-run copy of the strategy, wherever it has a ``seed`` option), so runs differ and
 re-running reproduces them. A strategy that raises on an item is recorded as an errored,
 incorrect run; it never stops the evaluation, but it is not final either: ``resume=True``
-runs every errored run again (same seed) and replaces the record.
+runs every errored run again (same seed) and replaces the record. A refusal the model will
+always give (a 4xx such as ``context_length_exceeded``: the strategy's conversation outgrew
+the context) is kept with ``"retry": false``: wrong for good, and not counted as an error.
 
 The out folder is owned by one run at a time and belongs to one experiment:
 
@@ -42,6 +44,7 @@ from typing import Any
 from rich.console import Console
 
 from assist._protocol import ChatModel, Messages
+from assist.errors import AssistError
 from assist.types import ChatCompletion
 from evals._config import EvalError
 from evals._records import (
@@ -196,6 +199,12 @@ class _Tap:
         return self.choices[-1][0][1] if self.choices and self.choices[-1] else "stop"
 
 
+def _refusal(exc: BaseException) -> bool:
+    """A 4xx from the model (context overflow, a bad parameter): the same call will be
+    refused again, so the run is final; 408 and 429 are worth another try."""
+    return isinstance(exc, AssistError) and 400 <= exc.status < 500 and exc.status not in (408, 429)
+
+
 async def _run_one(model: ChatModel, task: Task, item: Sample, strategy: Any, seed: int,
                    gate: asyncio.Semaphore) -> dict[str, Any]:
     tap = _Tap(model)
@@ -208,7 +217,8 @@ async def _run_one(model: ChatModel, task: Task, item: Sample, strategy: Any, se
             return {"text": "", "answer": None, "correct": False, "finish_reason": "error",
                     "prompt_tokens": tap.prompt_tokens, "completion_tokens": tap.completion_tokens,
                     "calls": tap.calls, "latency_s": round(time.perf_counter() - t0, 4),
-                    "error": f"{type(exc).__name__}: {exc}", "seed": seed, "trace": []}
+                    "error": f"{type(exc).__name__}: {exc}", "retry": not _refusal(exc), "seed": seed,
+                    "trace": []}
     score = task.score(item, result.text)
     usage = result.usage
     return {"text": result.text, "answer": score.extracted, "correct": score.correct,

@@ -29,7 +29,7 @@ import pytest
 import assist
 import strategies
 from assist._eval_cli import main as eval_main
-from assist.errors import UpstreamError
+from assist.errors import ContextLengthExceeded, UpstreamError
 from assist.types import ChatCompletion, Choice, Message, Usage
 from evals._config import EvalError
 from evals.harness import IDENTITY, LOCK, SAMPLES, evaluate, locked, read_records
@@ -52,6 +52,7 @@ class Model:
 
     fail_after: int | None = None
     fail_on: set[str] = field(default_factory=set)
+    refuse_on: set[str] = field(default_factory=set)
     delay: float = 0.0
     on_call: Any = None
     name: str = "scripted"
@@ -69,6 +70,8 @@ class Model:
             # an answered 502, not a crash: a 500 from an unhandled exception makes uvicorn
             # drop the keep-alive connection, which would fail the *next* item as well
             raise UpstreamError("the upstream failed this item")
+        if any(question.startswith(q) for q in self.refuse_on):
+            raise ContextLengthExceeded("the conversation outgrew the context")
         await asyncio.sleep(self.delay)
         n = int(kwargs.get("n", 1))
         choices = [Choice(index=i, message=Message(role="assistant", content=f"#### {gold(question)}"),
@@ -392,3 +395,21 @@ def test_sigkill_then_resume_loses_no_finished_record(tmp_path):
             "accuracy"] == 1.0
     finally:
         server.stop()
+
+
+def test_a_refusal_is_final_not_an_error(tmp_path):
+    """A context overflow will happen again on every try: the run is wrong for good, the
+    eval exits 0, and --resume does not ask again."""
+    items = ARITH.split("test", 10)
+    model = Model(refuse_on={items[2].question, items[5].question})
+    out = tmp_path / "ev"
+    records = asyncio.run(evaluate(model, ARITH, {"direct": strategies.parse("direct")}, items, out=out))
+    refused = [r for r in records if r["runs"][0]["error"]]
+    assert len(refused) == 2 and all(r["runs"][0]["retry"] is False for r in refused)
+    before = len(model.calls)
+    asyncio.run(evaluate(model, ARITH, {"direct": strategies.parse("direct")}, items, out=out, resume=True))
+    assert len(model.calls) == before  # nothing asked again
+    from evals._records import error_stats
+
+    stats = error_stats(read_records(out / SAMPLES))
+    assert stats.errored_runs == 0 and stats.runs == 10

@@ -19,9 +19,10 @@ from strategies import (  # noqa: F401  (importing a strategy module registers i
 )
 from strategies._base import BudgetExhausted, Cost, Recorder, Result, Strategy, StrategyBase
 from strategies._extract import EXTRACTORS, Extractor
+from strategies._policy import Limits, Policy, PolicyError
 from strategies._reward import RewardModel, Scorer
 from strategies._sandbox import SandboxResult, run_python
-from strategies._spec import REGISTRY, SpecError, parse, register
+from strategies._spec import REGISTRY, LimitError, SpecError, parse, register
 from strategies._store import DocumentStore
 from strategies._toolbox import (
     Tool,
@@ -57,7 +58,11 @@ __all__ = [
     "DocumentStore",
     "Extractor",
     "JsonOutput",
+    "LimitError",
+    "Limits",
     "Plain",
+    "Policy",
+    "PolicyError",
     "Recorder",
     "Reflect",
     "Result",

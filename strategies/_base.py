@@ -10,16 +10,111 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from assist._protocol import ChatModel, Messages
+from assist._tasks import gather
 from assist.types import ChatCompletion, Message, Usage
 
-__all__ = ["BudgetExhausted", "Cost", "Recorder", "Result", "Strategy", "StrategyBase", "nodes", "replaced",
-           "with_fields"]
+__all__ = ["Bound", "BudgetExhausted", "Cost", "OptionError", "Recorder", "Result", "Strategy", "StrategyBase",
+           "gather", "nodes", "replaced", "with_fields"]
+
+SEED_LIMIT = 2**62  # seeds get offsets added (seed + i); this leaves room below int64's end
+
+
+class OptionError(ValueError):
+    """A strategy option of the wrong type or out of range; ``option`` names it (the spec
+    parser reports it as the bad parameter)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.message = message
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)  # repr escapes what JSON could not carry (lone surrogates, say)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def need_int(value: Any, option: str, *, lo: int | None = None, hi: int | None = None,
+             optional: bool = False) -> int | None:
+    """``value`` if it is an int in ``[lo, hi]`` (None too when ``optional``), else OptionError."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OptionError(option, f"must be an integer, not {_shown(value)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        raise OptionError(option, f"must be {span}, not {value}")
+    return value
+
+
+def need_number(value: Any, option: str, *, lo: float, hi: float, lo_open: bool = False) -> float:
+    """``value`` if it is a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise OptionError(option, f"must be a number, not {_shown(value)}")
+    if value > hi or value < lo or (lo_open and value == lo):
+        raise OptionError(option, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], not {value:g}")
+    return value
+
+
+def need_bool(value: Any, option: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise OptionError(option, f"must be true or false, not {_shown(value)}")
+
+
+def check_common(strategy: Any) -> None:
+    """Check the options many strategies share, where ``strategy`` has them: ``k`` >= 1,
+    ``temperature`` in [0, 2], ``top_p`` in (0, 1], ``max_tokens`` and ``budget`` >= 1,
+    ``seed`` an integer of at most 2**62 in size. Raises :class:`OptionError`."""
+    fields = {f.name for f in dataclasses.fields(strategy)} if dataclasses.is_dataclass(strategy) else set()
+    if "k" in fields:
+        need_int(strategy.k, "k", lo=1)
+    if "temperature" in fields:
+        need_number(strategy.temperature, "temperature", lo=0.0, hi=2.0)
+    if "top_p" in fields:
+        need_number(strategy.top_p, "top_p", lo=0.0, hi=1.0, lo_open=True)
+    for name in ("max_tokens", "budget"):
+        if name in fields:
+            need_int(getattr(strategy, name), name, lo=1, optional=True)
+    if "seed" in fields:
+        need_int(strategy.seed, "seed", lo=-SEED_LIMIT, hi=SEED_LIMIT, optional=True)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A strategy's worst case for one run: the completions the model may generate (a call
+    with ``n=k`` counts k) and the completion tokens they may hold together."""
+
+    calls: int = 1
+    tokens: int = 0
+
+    def __add__(self, other: Bound) -> Bound:
+        return Bound(self.calls + other.calls, self.tokens + other.tokens)
+
+    def __mul__(self, times: int) -> Bound:
+        return Bound(self.calls * times, self.tokens * times)
+
+
+def call_tokens(strategy: Any, max_tokens: int) -> int:
+    """The longest completion one call of ``strategy`` may make: its own ``max_tokens``,
+    else ``max_tokens`` (what the caller knows: the request's cap or the context length)."""
+    own = getattr(strategy, "max_tokens", None)
+    return min(own, max_tokens) if isinstance(own, int) and own > 0 else max_tokens
+
+
+def bound_of(strategy: Any, max_tokens: int) -> Bound:
+    """``strategy.bound(max_tokens)``, or one call for an object without it."""
+    bound = getattr(strategy, "bound", None)
+    return bound(max_tokens) if callable(bound) else Bound(1, call_tokens(strategy, max_tokens))
 
 
 class BudgetExhausted(Exception):
@@ -141,6 +236,11 @@ class StrategyBase:
 
     spec: str = ""
     budget: int | None = None
+
+    def bound(self, max_tokens: int) -> Bound:
+        """The worst case of one run (see :class:`Bound`): one call, by default. A call
+        that sets no ``max_tokens`` of its own is counted at ``max_tokens``."""
+        return Bound(1, call_tokens(self, max_tokens))
 
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         raise NotImplementedError

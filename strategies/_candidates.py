@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from assist._protocol import ChatModel, Messages
 from assist.types import Choice
-from strategies._base import replaced
+from strategies._base import gather, replaced
 
 __all__ = ["attempt", "diversify", "sample_choices"]
 
@@ -19,7 +18,7 @@ async def sample_choices(model: ChatModel, prompt: Messages, k: int, *, seed: in
     if model.supports_n:
         return list((await model.chat(prompt, n=k, seed=seed, **kwargs)).choices)
     seeds = [None if seed is None else seed + i for i in range(k)]
-    done = await asyncio.gather(*(model.chat(prompt, n=1, seed=s, **kwargs) for s in seeds))
+    done = await gather(*(model.chat(prompt, n=1, seed=s, **kwargs) for s in seeds))
     return [c.choices[0] for c in done]
 
 

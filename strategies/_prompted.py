@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from strategies._base import Recorder, Result, StrategyBase, with_suffix
+from strategies._base import OptionError, Recorder, Result, StrategyBase, check_common, with_suffix
 from strategies._extract import EXTRACTORS, Extractor
 
 __all__ = ["Prompted", "resolve_extractor"]
@@ -14,8 +14,8 @@ __all__ = ["Prompted", "resolve_extractor"]
 def resolve_extractor(extractor: str | Extractor) -> Extractor:
     if callable(extractor):
         return extractor
-    if extractor not in EXTRACTORS:
-        raise ValueError(f"unknown extractor {extractor!r} (known: {', '.join(EXTRACTORS)})")
+    if not isinstance(extractor, str) or extractor not in EXTRACTORS:
+        raise OptionError("extractor", f"must be one of {', '.join(EXTRACTORS)}, not {extractor!r}"[:200])
     return EXTRACTORS[extractor]
 
 
@@ -31,8 +31,9 @@ class Prompted(StrategyBase):
     budget: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        check_common(self)
+        if not isinstance(self.suffix, str):
+            raise OptionError("suffix", f"must be text, not {type(self.suffix).__name__}")
         self.extract = resolve_extractor(self.extractor)
 
     def request(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from assist._chat_format import IM_END, REWARD
+from assist._chat_format import IM_END, REWARD, chat_encoder
 
 if TYPE_CHECKING:  # torch loads with the first reward model, not with `import strategies`
     import torch
@@ -66,10 +66,11 @@ class RewardModel:
         self._end = self.tokenizer.convert_tokens_to_ids(IM_END)
 
     def sequences(self, messages: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> list[list[int]]:
-        prompt = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                    add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        return [ids + self.tokenizer.encode(c, add_special_tokens=False) + [self._end] for c in candidates]
+        # Contents and candidates are text: a "<|im_end|>" or "<|reward|>" typed in them must
+        # not become the control token (it would fake a turn or the readout position).
+        encoder = chat_encoder(self.tokenizer)
+        ids = encoder.encode([dict(m) for m in messages], add_generation_prompt=True)
+        return [ids + encoder.text_ids(c) + [self._end] for c in candidates]
 
     def score_sync(self, messages: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> list[float]:
         seqs = self.sequences(messages, candidates)

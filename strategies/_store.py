@@ -129,8 +129,10 @@ class DocumentStore:
     """
 
     def __init__(self, path: str | Path, embedder: Embedder | None = None,
-                 create: bool = True) -> None:
+                 create: bool = True, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
+        create = create and not read_only
         if self.path.is_dir():
             raise StoreError(f"store {self.path} is a folder, not a store file")
         if not create and not self.path.is_file():
@@ -143,9 +145,17 @@ class DocumentStore:
         self._writes = 0  # our own commits; PRAGMA data_version counts everyone else's
         self._dense: tuple[tuple[int, int], list[str], np.ndarray] | None = None
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")  # readers keep going while `index add` runs
-            self._db.executescript(_SCHEMA)
+            if read_only:  # nothing is created, converted or migrated: a store, or an error
+                uri = self.path.resolve().as_uri() + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+                if not {"meta", "chunks", "chunks_fts"} <= tables:
+                    self._db.close()
+                    raise StoreError(f"{self.path} is not a document store (no chunks table)")
+            else:
+                self._db = sqlite3.connect(self.path, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")  # readers keep going while `index add` runs
+                self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a document store ({exc})") from exc
 
@@ -281,6 +291,14 @@ class DocumentStore:
             todo = [(Chunk(r[0], r[1], r[2], json.loads(r[3])), True) for r in rows]
             return self._write(todo, batch_size, progress)
 
+    def warm(self) -> None:
+        """Load now what the first dense search would load (the embedder, the matrix), so
+        that no request pays for it (the server calls this once, at start)."""
+        with self._lock:
+            ids, _ = self._matrix()
+            if ids:
+                self._embed(["warm up"])
+
     # -- reading -----------------------------------------------------------------------
     def get(self, chunk_id: str) -> Chunk | None:
         with self._lock:
@@ -317,11 +335,14 @@ class DocumentStore:
         return [Passage(r[0], r[1], -float(r[2])) for r in rows]  # FTS5's bm25: lower is better
 
     def _matrix(self) -> tuple[list[str], np.ndarray]:
-        if self._db.execute("SELECT 1 FROM chunks WHERE embedding IS NULL LIMIT 1").fetchone():
+        if not self.read_only and self._db.execute(
+                "SELECT 1 FROM chunks WHERE embedding IS NULL LIMIT 1").fetchone():
             self.embed_missing()
         version = (self._writes, int(self._db.execute("PRAGMA data_version").fetchone()[0]))
         if self._dense is None or self._dense[0] != version:
-            rows = self._db.execute("SELECT id, embedding FROM chunks ORDER BY rowid").fetchall()
+            # Read-only: chunks stored without a vector are found by BM25 alone.
+            rows = self._db.execute("SELECT id, embedding FROM chunks WHERE embedding IS NOT NULL "
+                                    "ORDER BY rowid").fetchall()
             dim = int(self._meta("dim") or 0)
             matrix = (np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
                       .reshape(len(rows), dim) if rows else np.zeros((0, dim), np.float32))

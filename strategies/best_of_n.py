@@ -12,15 +12,26 @@ candidates are majority-voted instead, so a broken scorer costs quality, not the
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from assist._prompts import COT_SUFFIX
 from assist.types import Message
-from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase, with_suffix
+from strategies._base import (
+    Bound,
+    BudgetExhausted,
+    OptionError,
+    Recorder,
+    Result,
+    StrategyBase,
+    bound_of,
+    check_common,
+    gather,
+    with_suffix,
+)
 from strategies._candidates import attempt, diversify, sample_choices
 from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
@@ -34,19 +45,20 @@ _LOADED: dict[str, RewardModel] = {}  # one copy of each reward model per proces
 
 
 def _reward_model(path: str) -> RewardModel:
-    if path not in _LOADED:
-        _LOADED[path] = RewardModel(path)
-    return _LOADED[path]
+    key = str(Path(path).resolve())  # "DIR", "DIR/" and "DIR/./" are one model, loaded once
+    if key not in _LOADED:
+        _LOADED[key] = RewardModel(key)
+    return _LOADED[key]
 
 
-@register("bon")
+@register("bon", python_only=("scorer",), resources={"rm": "rm"})
 @dataclass(repr=False)
 class BestOfN(StrategyBase):
     k: int = 8
     temperature: float = 0.8
     top_p: float = 1.0
     max_tokens: int | None = None
-    rm: str | None = None  # reward-model folder; default: $ASSIST_REWARD_MODEL
+    rm: Any = None  # a reward-model folder (default: $ASSIST_REWARD_MODEL), or a loaded scorer
     scorer: Scorer | None = None
     extractor: str | Extractor = "default"
     seed: int | None = None
@@ -54,19 +66,32 @@ class BestOfN(StrategyBase):
     budget: int | None = None
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, not {self.k}")
+        check_common(self)
+        if isinstance(self.rm, int | float) and not isinstance(self.rm, bool):
+            self.rm = str(self.rm)  # the spec parser reads "rm=2024" as a number
+        if self.rm is not None and not isinstance(self.rm, str | os.PathLike) and not callable(self.rm):
+            raise OptionError("rm", f"must be a reward-model folder or a scorer, not {type(self.rm).__name__}")
+        if self.scorer is not None and not callable(self.scorer):
+            raise OptionError("scorer", f"must be callable, not {type(self.scorer).__name__}")
         self.extract = resolve_extractor(self.extractor)
         self.inner = diversify(self.inner, self.temperature)
+
+    def bound(self, max_tokens: int) -> Bound:
+        """k candidates, each a run of the inner strategy."""
+        if self.inner is not None:
+            return bound_of(self.inner, max_tokens) * self.k
+        return super().bound(max_tokens) * self.k
 
     def _scorer(self) -> Scorer:
         if self.scorer is not None:
             return self.scorer
+        if callable(self.rm):  # a reward model loaded beforehand (the server's resources)
+            return self.rm  # type: ignore[no-any-return]
         path = self.rm or os.environ.get("ASSIST_REWARD_MODEL")
         if not path:
             raise ValueError("bon needs a scorer: give rm=PATH in the spec, set ASSIST_REWARD_MODEL, "
                              "or pass scorer=... from Python")
-        return _reward_model(path)
+        return _reward_model(str(path))
 
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         try:
@@ -95,7 +120,7 @@ class BestOfN(StrategyBase):
     async def _candidates(self, model: Recorder, messages: list[dict[str, Any]]) -> list[tuple[Message, str | None]]:
         if self.inner is not None:
             seeds = [None if self.seed is None else self.seed + i for i in range(self.k)]
-            results = await asyncio.gather(*(attempt(self.inner, s).run(model, messages) for s in seeds))
+            results = await gather(*(attempt(self.inner, s).run(model, messages) for s in seeds))
             return [(r.message, r.answer) for r in results]
         choices = await sample_choices(model, with_suffix(messages, COT_SUFFIX), self.k, seed=self.seed,
                                        temperature=self.temperature, top_p=self.top_p,

@@ -17,21 +17,36 @@ from typing import Any
 import jsonschema
 
 from assist.types import Message
-from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase
+from strategies._base import (
+    Bound,
+    BudgetExhausted,
+    OptionError,
+    Recorder,
+    Result,
+    StrategyBase,
+    check_common,
+    need_int,
+)
 from strategies._extract import normalize
 from strategies._spec import register
 
-__all__ = ["JsonOutput", "schema_of"]
+__all__ = ["MAX_SCHEMA_BYTES", "JsonOutput", "read_schema", "schema_of"]
+
+MAX_SCHEMA_BYTES = 1 << 20
 
 
 def schema_of(schema: Any) -> tuple[dict[str, Any], str]:
-    """(JSON schema, name) of a pydantic model class, a schema dict, or a path to a .json file."""
+    """(JSON schema, name) of a pydantic model class, a schema dict, a path to a .json file,
+    or a schema loaded beforehand (an object with ``json_schema`` and ``name``, as the
+    server's resources are)."""
     if schema is None:
         return {"type": "object"}, "object"
+    if isinstance(getattr(schema, "json_schema", None), dict):
+        return schema.json_schema, str(getattr(schema, "name", "output"))
     if isinstance(schema, (str, Path)):
         path = Path(schema)
         try:
-            return json.loads(path.read_text()), path.stem
+            return read_schema(path), path.stem
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read a JSON schema from {path}: {exc}") from exc
     if isinstance(schema, dict):
@@ -41,7 +56,19 @@ def schema_of(schema: Any) -> tuple[dict[str, Any], str]:
     raise ValueError(f"schema must be a pydantic model, a dict or a .json path, not {type(schema).__name__}")
 
 
-@register("json")
+def read_schema(path: Path, limit: int = MAX_SCHEMA_BYTES) -> Any:
+    """The JSON in the regular file ``path``, of at most ``limit`` bytes (a device or a pipe
+    is refused before it is opened, so it can neither stream forever nor block)."""
+    if not path.is_file():
+        raise ValueError("not a regular file")
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return json.loads(data)
+
+
+@register("json", resources={"schema": "schema"})
 @dataclass(repr=False)
 class JsonOutput(StrategyBase):
     schema: Any = None
@@ -52,12 +79,29 @@ class JsonOutput(StrategyBase):
     budget: int | None = None
 
     def __post_init__(self) -> None:
-        self.json_schema, self.name = schema_of(self.schema)
+        check_common(self)
+        need_int(self.retries, "retries", lo=0)
+        if isinstance(self.field, int | float) and not isinstance(self.field, bool):
+            self.field = str(self.field)  # the spec parser reads "field=1" as a number
+        if self.field is not None and not isinstance(self.field, str):
+            raise OptionError("field", f"must be a field name, not {type(self.field).__name__}")
+        try:
+            self.json_schema, self.name = schema_of(self.schema)
+        except ValueError as exc:
+            raise OptionError("schema", str(exc)) from exc
+        checked = getattr(self.schema, "validator", None)  # checked once, when it was loaded
+        if isinstance(checked, jsonschema.Draft202012Validator):
+            self.validator = checked
+            return
         try:
             jsonschema.Draft202012Validator.check_schema(self.json_schema)
         except jsonschema.SchemaError as exc:
-            raise ValueError(f"invalid JSON schema: {exc.message}") from exc
+            raise OptionError("schema", f"invalid JSON schema: {exc.message}") from exc
         self.validator = jsonschema.Draft202012Validator(self.json_schema)
+
+    def bound(self, max_tokens: int) -> Bound:
+        """The first reply and one per retry."""
+        return super().bound(max_tokens) * (self.retries + 1)
 
     def response_format(self) -> dict[str, Any]:
         if self.schema is None:

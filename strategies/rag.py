@@ -28,8 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from assist._prompts import Passage, render_passages
+from assist.errors import BadRequest
 from assist.types import Message
-from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase
+from strategies._base import (
+    Bound,
+    BudgetExhausted,
+    OptionError,
+    Recorder,
+    Result,
+    StrategyBase,
+    bound_of,
+    check_common,
+)
 from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._spec import register
@@ -99,7 +109,7 @@ def _as_passage(item: Any) -> Passage:
     raise TypeError(f"rag: search returned {item!r}, not a passage")
 
 
-@register("rag")
+@register("rag", python_only=("search",), resources={"store": "store"})
 @dataclass(repr=False)
 class Retrieve(StrategyBase):
     """Greedy by default. ``store`` may be a path, a DocumentStore, or None (then
@@ -117,28 +127,34 @@ class Retrieve(StrategyBase):
     budget: int | None = None
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, not {self.k}")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r} (known: {', '.join(MODES)})")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        check_common(self)
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise OptionError("mode", f"must be one of {', '.join(MODES)}, not {self.mode!r}"[:200])
         self.extract = resolve_extractor(self.extractor)
-        if isinstance(self.store, int | float):  # the spec parser reads "store=2024" as a number
-            self.store = str(self.store)
+        if isinstance(self.store, int | float) and not isinstance(self.store, bool):
+            self.store = str(self.store)  # the spec parser reads "store=2024" as a number
+        if self.search is not None and not callable(self.search):
+            raise OptionError("search", f"must be callable, not {type(self.search).__name__}")
+        if self.store is not None and not isinstance(self.store, str | Path) and not callable(
+                getattr(self.store, "search", None)):
+            raise OptionError("store", f"must be a path or a DocumentStore, not {type(self.store).__name__}")
         if self.store is None and self.search is None and os.environ.get(STORE_ENV):
             self.store = os.environ[STORE_ENV]
         if isinstance(self.store, str | Path) and not Path(self.store).is_file():
             # Fail at parse time, naming the path: a typo must not become empty retrieval.
-            raise ValueError(f"rag: no document store at {self.store} "
-                             "(build one with `assist index add`)")
+            raise OptionError("store", f"rag: no document store at {self.store} "
+                              "(build one with `assist index add`)")
         self._opened: DocumentStore | None = None
+
+    def bound(self, max_tokens: int) -> Bound:
+        """One answer: a call, or a run of the inner strategy."""
+        return bound_of(self.inner, max_tokens) if self.inner is not None else super().bound(max_tokens)
 
     def _searcher(self) -> SearchFn:
         if self.search is not None:
             return self.search
-        if isinstance(self.store, DocumentStore):
-            store = self.store
+        if self.store is not None and not isinstance(self.store, str | Path):
+            store = self.store  # a DocumentStore, or any object searching alike
         elif self.store is not None:
             if self._opened is None:  # opened on first use, then kept for every request
                 self._opened = DocumentStore(self.store, create=False)
@@ -161,8 +177,8 @@ class Retrieve(StrategyBase):
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         query = next((_text(m.get("content")) for m in reversed(messages)
                       if m.get("role") == "user"), "")
-        if not query.strip():
-            raise ValueError("rag: the conversation has no user turn to retrieve for")
+        if not query.strip():  # the caller's input: a 400 over HTTP, a ValueError in Python
+            raise BadRequest("rag: the conversation has no user turn to retrieve for", param="messages")
         passages = await self.retrieve(query)
         model.note(step="retrieve", query=query, mode=self.mode if self.search is None else None,
                    passages=[{"id": p.id, "score": round(p.score, 6)} for p in passages])

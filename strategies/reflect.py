@@ -18,7 +18,16 @@ from typing import Any
 from assist._prompts import REFLECT_PROMPT, REFLECT_STANDS
 from assist._protocol import ChatModel
 from assist.types import Message
-from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase
+from strategies._base import (
+    Bound,
+    BudgetExhausted,
+    OptionError,
+    Recorder,
+    Result,
+    StrategyBase,
+    bound_of,
+    check_common,
+)
 from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._spec import register
@@ -36,7 +45,7 @@ def revision(check: str) -> str | None:
     return check[at + len(CORRECTED):].strip() if at >= 0 else check.strip()
 
 
-@register("reflect")
+@register("reflect", python_only=("critic",))
 @dataclass(repr=False)
 class Reflect(StrategyBase):
     k: int = 1  # rounds of check-and-revise (spec: reflect@2)
@@ -49,9 +58,15 @@ class Reflect(StrategyBase):
     budget: int | None = None
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"rounds must be at least 1, not {self.k}")
+        check_common(self)
+        if self.critic is not None and not callable(getattr(self.critic, "chat", None)):
+            raise OptionError("critic", f"must be a chat model, not {type(self.critic).__name__}")
         self.extract = resolve_extractor(self.extractor)
+
+    def bound(self, max_tokens: int) -> Bound:
+        """The attempt (one call, or a run of the inner strategy), then one check per round."""
+        first = bound_of(self.inner, max_tokens) if self.inner is not None else super().bound(max_tokens)
+        return first + super().bound(max_tokens) * self.k
 
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         try:

@@ -14,14 +14,25 @@ consistency).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from assist._prompts import COT_SUFFIX
 from assist.types import Choice, Message
-from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase, with_suffix
+from strategies._base import (
+    Bound,
+    BudgetExhausted,
+    Recorder,
+    Result,
+    StrategyBase,
+    bound_of,
+    check_common,
+    gather,
+    need_bool,
+    need_int,
+    with_suffix,
+)
 from strategies._candidates import attempt, diversify, sample_choices
 from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
@@ -66,12 +77,18 @@ class SelfConsistency(StrategyBase):
     budget: int | None = None
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, not {self.k}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        check_common(self)
+        self.weighted = need_bool(self.weighted, "weighted")
+        self.early_stop = need_bool(self.early_stop, "early_stop")
+        need_int(self.step, "step", lo=0)
         self.extract = resolve_extractor(self.extractor)
         self.inner = diversify(self.inner, self.temperature)
+
+    def bound(self, max_tokens: int) -> Bound:
+        """k samples (early stopping may draw fewer), each a run of the inner strategy."""
+        if self.inner is not None:
+            return bound_of(self.inner, max_tokens) * self.k
+        return super().bound(max_tokens) * self.k
 
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         messages_out: list[Message] = []
@@ -108,7 +125,7 @@ class SelfConsistency(StrategyBase):
                       offset: int) -> list[tuple[Message, str | None, float]]:
         if self.inner is not None:
             seeds = [None if self.seed is None else self.seed + offset + i for i in range(size)]
-            results = await asyncio.gather(*(attempt(self.inner, s).run(model, messages) for s in seeds))
+            results = await gather(*(attempt(self.inner, s).run(model, messages) for s in seeds))
             return [(r.message, r.answer, 1.0) for r in results]
         choices = await sample_choices(model, with_suffix(messages, COT_SUFFIX), size,
                                        seed=None if self.seed is None else self.seed + offset,

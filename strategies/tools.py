@@ -24,6 +24,7 @@ tools join with ``+``: ``tools:use=calculator+python,max_turns=6``; over it,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import time
@@ -32,7 +33,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from assist.types import Message, ToolCall
-from strategies._base import BudgetExhausted, Recorder, Result, StrategyBase
+from strategies._base import (
+    Bound,
+    BudgetExhausted,
+    OptionError,
+    Recorder,
+    Result,
+    StrategyBase,
+    check_common,
+    gather,
+    need_bool,
+    need_int,
+    need_number,
+)
 from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._spec import register
@@ -54,28 +67,37 @@ class ToolUse(StrategyBase):
     tool_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.max_turns < 0:
-            raise ValueError(f"max_turns must be >= 0, not {self.max_turns}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
-        if self.tool_timeout_s <= 0:
-            raise ValueError(f"tool_timeout_s must be > 0, not {self.tool_timeout_s}")
+        check_common(self)
+        need_int(self.max_turns, "max_turns", lo=0)
+        need_number(self.tool_timeout_s, "tool_timeout_s", lo=0.0, hi=600.0, lo_open=True)
+        self.parallel = need_bool(self.parallel, "parallel")
         self.extract = resolve_extractor(self.extractor)
-        names = re.split(r"[+,\s]+", self.tools.strip()) if isinstance(self.tools, str) else self.tools
+        if isinstance(self.tools, str):
+            names: Sequence[str | Tool] = re.split(r"[+,\s]+", self.tools.strip())
+        elif isinstance(self.tools, Sequence):
+            names = self.tools
+        else:
+            raise OptionError("tools", f"must name tools (calculator+python), not {type(self.tools).__name__}")
         resolved: dict[str, Tool] = {}
         for item in names:
             if isinstance(item, Tool):
                 resolved[item.name] = item
-            elif item:
+            elif isinstance(item, str) and item:
                 try:
                     resolved[item] = get_tool(item)
                 except UnknownTool as exc:
-                    raise ValueError(str(exc)) from None
+                    raise OptionError("tools", str(exc)) from None
+            elif item:
+                raise OptionError("tools", f"must be tool names or Tools, not {type(item).__name__}")
         if not resolved:
-            raise ValueError("tools: name at least one tool")
+            raise OptionError("tools", "must name at least one tool")
         # Normalised, so dataclasses.replace (as sc@k(tools) does) re-resolves the same set.
         self.tools = tuple(i for i in names if i)
         self._tools = resolved
+
+    def bound(self, max_tokens: int) -> Bound:
+        """One call per round of tool calls, and the last one answering without tools."""
+        return super().bound(max_tokens) * (self.max_turns + 1)
 
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         chat = [dict(m) for m in messages]
@@ -96,7 +118,7 @@ class ToolUse(StrategyBase):
                 chat.append({"role": "assistant", "content": final.content,
                              "tool_calls": [_call_dict(c) for c in calls]})
                 if self.parallel:
-                    replies = await asyncio.gather(*(self._run(model, c, turn) for c in calls))
+                    replies = await gather(*(self._run(model, c, turn) for c in calls))
                 else:
                     replies = [await self._run(model, c, turn) for c in calls]
                 chat.extend(replies)
@@ -160,9 +182,14 @@ def _call_dict(call: ToolCall) -> dict[str, Any]:
             "function": {"name": call.function.name, "arguments": arguments}}
 
 
-@register("tools")
+@register("tools", options={"use"} | {f.name for f in dataclasses.fields(ToolUse)})
 def tool_use(*, use: str | Sequence[str | Tool] | None = None, **options: Any) -> ToolUse:
     """The spec factory: ``use=calculator+python`` names the tools (default: calculator)."""
     if use is not None:
         options["tools"] = use
-    return ToolUse(**options)
+    try:
+        return ToolUse(**options)
+    except OptionError as exc:
+        if exc.option == "tools" and use is not None:  # the spec wrote use=..., name that
+            raise OptionError("use", exc.message) from None
+        raise

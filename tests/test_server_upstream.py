@@ -57,10 +57,12 @@ def test_proxy_forwards_and_renames_the_model():
         backend = UpstreamBackend(RemoteChatModel(a + "/v1", "upstream-model"))
         with running_server(create_app(backend)) as url:
             resp = _client(url).chat.completions.create(model="assistant", messages=MESSAGES, n=2,
-                                                        extra_body={"top_k": 5})
+                                                        extra_body={"top_k": 5, "kv_transfer_params": {
+                                                            "prompt_token_ids": [1, 2, 3]}})
     assert [c.message.content for c in resp.choices] == ["from a", "from a"]
     assert resp.model == "assistant" and up.state.seen[0]["model"] == "upstream-model"
     assert up.state.seen[0]["top_k"] == 5 and "strategy" not in up.state.seen[0]
+    assert "kv_transfer_params" not in up.state.seen[0]  # vLLM would take client ids as the prompt
 
 
 def test_upstream_down_is_502_in_openai_shape():

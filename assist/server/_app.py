@@ -13,15 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, 
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from assist.errors import AssistError, Unauthorized
+from assist.errors import AssistError
 from assist.server._backend import Backend
 from assist.server._metrics import Metrics
-from assist.server._protocol import ChatRequest, CompletionRequest, TokenizeRequest
+from assist.server._protocol import ChatRequest, CompletionRequest, TokenizeRequest, check_text
 from assist.server._serving import ClientGone, Serving, StrategyResolver
 
 __all__ = ["create_app"]
@@ -40,17 +40,70 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def _host_name(header: bytes | None) -> str | None:
+    """The name in a ``Host`` header, lower-cased, without its port, brackets or final dot."""
+    if header is None:
+        return None
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        end = host.find("]")
+        return host[1:end] if end > 0 else None
+    if host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host.removesuffix(".") or None
+
+
+def host_allowed(header: bytes | None, allowed: Sequence[str]) -> bool:
+    """Whether a ``Host`` header names one of ``allowed``: exact names or IPs, ``*.domain``
+    for its subdomains, ``*`` for any."""
+    if "*" in allowed:
+        return True
+    name = _host_name(header)
+    if name is None:
+        return False
+    for entry in allowed:
+        entry = entry.strip().lower().removesuffix(".")
+        if entry.startswith("[") and entry.endswith("]"):
+            entry = entry[1:-1]
+        if name == entry or (entry.startswith("*.") and name.endswith(entry[1:])):
+            return True
+    return False
+
+
 class Edge:
     """Pure ASGI middleware (it must not get between a route and the disconnect event):
-    records status and latency for ``/metrics``, and answers 413 for bodies over ``limit``
-    bytes before any route parses them. The body is read here (bounded) and replayed, so
-    chunked uploads without a Content-Length are caught as well.
+    records status and latency for ``/metrics``; refuses a ``Host`` not in ``allowed_hosts``
+    (DNS rebinding: a web page whose name resolves to this server) and, when ``api_key`` is
+    set, a request without it to any path but ``open_paths``, both before the body is read;
+    and answers 413 for bodies over ``limit`` bytes before any route parses them. The body is
+    read here (bounded) and replayed, so chunked uploads without a Content-Length are caught
+    as well.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics, api_key: str | None = None,
+                 open_paths: frozenset[str] = frozenset({"/health"}),
+                 allowed_hosts: Sequence[str] | None = None) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
+        self.api_key = api_key
+        self.open_paths = open_paths
+        self.allowed_hosts = None if allowed_hosts is None else tuple(allowed_hosts)
+
+    def _refusal(self, scope: Scope) -> JSONResponse | None:
+        headers = dict(scope.get("headers") or [])
+        if self.allowed_hosts is not None and not host_allowed(headers.get(b"host"), self.allowed_hosts):
+            return _error(400, "The Host header names a host this server does not serve (see --allowed-hosts).",
+                          "invalid_request_error", param="Host", code="host_not_allowed")
+        if self.api_key is not None and scope["path"] not in self.open_paths:
+            header = headers.get(b"authorization", b"")
+            token = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.api_key.encode()):
+                return _error(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
+        return None
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
@@ -67,7 +120,11 @@ class Edge:
             await send(message)
 
         try:
-            await self._limited(scope, receive, observed)
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, observed)
+            else:
+                await self._limited(scope, receive, observed)
         finally:
             path = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label set
             self.metrics.observe(path, status, time.perf_counter() - t0)
@@ -113,11 +170,21 @@ class Edge:
 def create_app(
     backend: Backend, *, names: Sequence[str] = ("assistant",), api_key: str | None = None,
     max_body_bytes: int = 4 << 20, max_in_flight: int = 256, resolver: StrategyResolver | None = None,
-    strategy_aliases: Sequence[str] = (), owns_backend: bool = True,
+    strategy_aliases: Sequence[str] = (), owns_backend: bool = True, policy: Any = None,
+    public_metrics: bool = False, public_docs: bool = False, allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
-    """An OpenAI-compatible app over ``backend``; closed at shutdown if ``owns_backend``."""
+    """An OpenAI-compatible app over ``backend``; closed at shutdown if ``owns_backend``.
+    ``policy`` (a :class:`strategies.Policy`; default: every strategy, no resources, no
+    python tool, default limits) is what strategy specs from clients are held to.
+
+    With ``api_key`` every path but ``/health`` needs it as a bearer key, ``/metrics`` and
+    the docs (``/docs``, ``/redoc``, ``/openapi.json``) included unless ``public_metrics`` /
+    ``public_docs`` open them. ``allowed_hosts`` (None: any) lists the ``Host`` names served.
+    """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key must not be empty: pass None to serve without a key")
     serving = Serving(backend, names=names, max_in_flight=max_in_flight, resolver=resolver,
-                      strategy_aliases=strategy_aliases)
+                      strategy_aliases=strategy_aliases, policy=policy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -125,20 +192,13 @@ def create_app(
         if owns_backend:
             await backend.aclose()
 
+    # The docs are served under the same Edge checks as every route (the key, the Host).
     app = FastAPI(title="assist", version="0.1.0", lifespan=lifespan)
     app.state.serving = serving
-
-    async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
-
-    guard = [Depends(authorize)]
-
-    app.add_middleware(Edge, limit=max_body_bytes, metrics=serving.metrics)
+    open_paths = frozenset({"/health"} | ({"/metrics"} if public_metrics else set())
+                           | (DOC_PATHS if public_docs else set()))
+    app.add_middleware(Edge, limit=max_body_bytes, metrics=serving.metrics, api_key=api_key,
+                       open_paths=open_paths, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(AssistError)
     async def _assist_error(request: Request, exc: AssistError) -> JSONResponse:
@@ -172,22 +232,30 @@ def create_app(
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions", dependencies=guard)
+    @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
+        check_text(body)
         return _respond(await serving.chat(body, request))
 
-    @app.post("/v1/completions", dependencies=guard)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_text(body)
         return _respond(await serving.complete(body, request))
 
-    @app.get("/v1/models", dependencies=guard)
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return serving.models()
 
-    @app.post("/tokenize", dependencies=guard)
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        """Counted in admission like a generation: tokenizing is work (in a worker thread)."""
+        check_text(body)
         serving.route(body.model, None)
-        return await backend.tokenize(body)
+        weight = serving._admit()
+        try:
+            return await backend.tokenize(body)
+        finally:
+            serving._release(weight)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -195,7 +263,8 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        gauges = {"requests_in_flight_limit": float(max_in_flight), **backend.gauges()}
+        gauges = {"requests_in_flight_limit": float(max_in_flight), "model_calls_in_flight": float(serving.units),
+                  **backend.gauges()}
         return PlainTextResponse(serving.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     return app

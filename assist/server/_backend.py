@@ -10,13 +10,16 @@ model name. Each also exposes ``model``, the plain ChatModel strategies run agai
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Protocol, cast
 
-from assist._protocol import ChatModel
+from assist._protocol import ChatModel, Messages
+from assist._tasks import gather
+from assist.errors import BadRequest, ContextLengthExceeded
 from assist.server._protocol import ChatRequest, CompletionRequest, TokenizeRequest, chat_options
+from assist.types import ChatCompletion
 
-__all__ = ["Backend", "EngineBackend", "UpstreamBackend"]
+__all__ = ["Backend", "EngineBackend", "OffloadedEngine", "TextLimits", "UpstreamBackend"]
 
 
 class Backend(Protocol):
@@ -36,13 +39,112 @@ def _messages(req: ChatRequest | TokenizeRequest) -> list[dict[str, Any]]:
     return [m.to_dict() for m in req.messages or []]
 
 
+def _longest_token(engine: Any) -> int | None:
+    """The most characters one token of ``engine``'s tokenizer can stand for: the longest
+    vocabulary entry (a byte-level entry spells one byte per character, so its text is never
+    longer). None when the engine has no Hugging Face tokenizer."""
+    try:
+        vocab = engine.tokenizer.get_vocab()
+        return max(1, max(len(piece) for piece in vocab))
+    except Exception:  # noqa: BLE001 - no tokenizer, or one without a vocabulary
+        return None
+
+
+class TextLimits:
+    """Cheap checks, before any tokenizing, that text can fit the context at all: a prompt of
+    C characters has at least C / longest-token tokens, and every message at least one. A
+    body that fails them is refused in microseconds instead of tokenized for seconds."""
+
+    def __init__(self, context_length: int | None, longest_token: int | None) -> None:
+        self.context_length = context_length
+        self.max_chars = context_length * longest_token if context_length and longest_token else None
+
+    def _refuse(self, what: str, size: str) -> None:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {self.context_length} tokens. However, your {what} "
+            f"({size}) cannot fit it. Please reduce the length of the {what}.", param=what)
+
+    def text(self, text: str, what: str) -> None:
+        if self.max_chars is not None and len(text) > self.max_chars:
+            self._refuse(what, f"{len(text)} characters")
+
+    def ids(self, ids: Sequence[int], what: str) -> None:
+        if self.context_length is not None and len(ids) > self.context_length:
+            self._refuse(what, f"{len(ids)} tokens")
+
+    def messages(self, messages: Sequence[Mapping[str, Any]], what: str = "messages") -> None:
+        if self.context_length is None:
+            return
+        if len(messages) > self.context_length:
+            self._refuse(what, f"{len(messages)} messages")
+        if self.max_chars is not None:
+            chars = sum(len(c) for m in messages if isinstance(c := m.get("content"), str))
+            if chars > self.max_chars:
+                self._refuse(what, f"{chars} characters")
+
+
+class OffloadedEngine:
+    """The engine as a ChatModel that checks prompts against :class:`TextLimits` first and
+    never prepares one on the event loop: ``chat`` and ``complete`` are the torch engine's own,
+    which prepare (template, tokenizing, grammar compiling) in a worker thread; the streams'
+    preparation, which the engine does when the stream is created, and ``/tokenize`` run in a
+    worker here. Every other attribute is the engine's. Strategies run against this too."""
+
+    def __init__(self, engine: Any, limits: TextLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def check_prompt(self, prompt: str | list[int]) -> None:
+        if isinstance(prompt, str):
+            self.limits.text(prompt, "prompt")
+        else:
+            self.limits.ids(prompt, "prompt")
+
+    async def chat(self, messages: Messages, **kw: Any) -> ChatCompletion:
+        self.limits.messages(messages)
+        return cast(ChatCompletion, await self.engine.chat(messages, **kw))
+
+    async def stream_chat(self, messages: Messages, **kw: Any) -> AsyncIterator[dict[str, Any]]:
+        self.limits.messages(messages)
+        stream: AsyncIterator[dict[str, Any]] = await asyncio.to_thread(self.engine.stream_chat, messages, **kw)
+        return stream
+
+    async def complete(self, prompt: str | list[int], **kw: Any) -> dict[str, Any]:
+        self.check_prompt(prompt)
+        return cast(dict[str, Any], await self.engine.complete(prompt, **kw))
+
+    async def stream_complete(self, prompt: str | list[int], **kw: Any) -> AsyncIterator[dict[str, Any]]:
+        self.check_prompt(prompt)
+        stream: AsyncIterator[dict[str, Any]] = await asyncio.to_thread(self.engine.stream_complete, prompt, **kw)
+        return stream
+
+    async def tokenize(self, req: TokenizeRequest) -> list[int]:
+        if req.messages is not None:
+            messages = _messages(req)
+            self.limits.messages(messages)
+            return cast(list[int], await asyncio.to_thread(self.engine.encode, messages))
+        prompt = req.prompt or ""
+        self.limits.text(prompt, "prompt")
+        return cast(list[int], await asyncio.to_thread(self.engine.tokenize, prompt))
+
+
 class EngineBackend:
-    """Serve from an in-process engine (the torch engine's extended interface)."""
+    """Serve from an in-process engine (the torch engine's extended interface).
+
+    Prompts are checked against the context cheaply first, then prepared and tokenized in a
+    worker thread (:class:`OffloadedEngine`); ``model`` is that wrapper, so strategies get
+    the same protection.
+    """
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.model: ChatModel = engine
         self.context_length: int | None = getattr(engine, "context_length", None)
+        self.limits = TextLimits(self.context_length, _longest_token(engine))
+        self.offloaded = OffloadedEngine(engine, self.limits)
+        self.model: ChatModel = cast(ChatModel, self.offloaded)
 
     def _chat_kwargs(self, req: ChatRequest) -> dict[str, Any]:
         kw = chat_options(req)
@@ -60,17 +162,17 @@ class EngineBackend:
         return kw
 
     async def chat(self, req: ChatRequest) -> dict[str, Any]:
-        completion = await self.engine.chat(_messages(req), **self._chat_kwargs(req))
+        completion = await self.offloaded.chat(_messages(req), **self._chat_kwargs(req))
         return completion.to_openai()
 
     async def stream_chat(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        stream = self.engine.stream_chat(_messages(req), include_usage=req.include_usage,
-                                         **self._chat_kwargs(req))
+        stream = await self.offloaded.stream_chat(_messages(req), include_usage=req.include_usage,
+                                                  **self._chat_kwargs(req))
         try:
             async for chunk in stream:
                 yield chunk
         finally:
-            await stream.aclose()  # a client that left cancels its generation
+            await stream.aclose()  # type: ignore[attr-defined]  # a client that left cancels its generation
 
     def _complete_kwargs(self, req: CompletionRequest) -> dict[str, Any]:
         kw: dict[str, Any] = {"n": req.n, "temperature": 1.0 if req.temperature is None else req.temperature,
@@ -86,8 +188,10 @@ class EngineBackend:
 
     async def complete(self, req: CompletionRequest) -> dict[str, Any]:
         prompts = req.prompts()
+        for p in prompts:  # all of them before any work starts
+            self.offloaded.check_prompt(p)
         kw = self._complete_kwargs(req)
-        results = await asyncio.gather(*(self.engine.complete(p, **kw) for p in prompts))
+        results = await gather(*(self.offloaded.complete(p, **kw) for p in prompts))  # one fails: all stop
         merged = dict(results[0])
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for i, result in enumerate(results):
@@ -101,22 +205,17 @@ class EngineBackend:
     async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
         prompts = req.prompts()
         if len(prompts) != 1:
-            from assist.errors import BadRequest
-
             raise BadRequest("streaming takes one prompt", param="prompt")
-        stream = self.engine.stream_complete(prompts[0], include_usage=req.include_usage,
-                                             **self._complete_kwargs(req))
+        stream = await self.offloaded.stream_complete(prompts[0], include_usage=req.include_usage,
+                                                      **self._complete_kwargs(req))
         try:
             async for chunk in stream:
                 yield chunk
         finally:
-            await stream.aclose()
+            await stream.aclose()  # type: ignore[attr-defined]
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
-        if req.messages is not None:
-            tokens = self.engine.encode(_messages(req))
-        else:
-            tokens = self.engine.tokenize(req.prompt or "")
+        tokens = await self.offloaded.tokenize(req)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context_length}
 
     def gauges(self) -> dict[str, float]:
@@ -144,7 +243,9 @@ class UpstreamBackend:
         self.owned = owned
 
     def _body(self, req: ChatRequest | CompletionRequest) -> dict[str, Any]:
-        body = req.model_dump(exclude_unset=True, exclude={"strategy"})
+        # kv_transfer_params.prompt_token_ids makes vLLM skip its template and take the ids
+        # as the prompt: a client must not set arbitrary ids, so the field never passes
+        body = req.model_dump(exclude_unset=True, exclude={"strategy", "kv_transfer_params"})
         body["model"] = self.remote.model
         return body
 

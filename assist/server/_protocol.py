@@ -7,13 +7,39 @@ rather than a failure deep inside an engine.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticSerializationError
 
-__all__ = ["ChatRequest", "CompletionRequest", "StreamOptions", "TokenizeRequest", "chat_options"]
+from assist.errors import BadRequest
 
-MAX_N = 128
+__all__ = [
+    "MAX_INT",
+    "MAX_MESSAGES",
+    "MAX_N",
+    "MAX_PROMPTS",
+    "MAX_SEQUENCES",
+    "MAX_STOP_CHARS",
+    "ChatRequest",
+    "CompletionRequest",
+    "StreamOptions",
+    "TokenizeRequest",
+    "chat_options",
+    "check_text",
+]
+
+MAX_N = 128  # choices per prompt
+MAX_PROMPTS = 256  # prompts in one /v1/completions list
+MAX_SEQUENCES = 512  # n x prompts: the sequences one /v1/completions request may ask for
+MAX_MESSAGES = 4096  # messages in one chat (pydantic stops counting at the limit: no parse of a flood)
+MAX_TOOLS = 128  # tools in one chat (OpenAI's limit)
+MAX_STOP = 16  # stop sequences per request
+MAX_STOP_CHARS = 256  # characters per stop sequence (checked against every decoded token)
+MAX_INT = 2**31 - 1  # max_tokens, top_k and the like: beyond any context, and no overflow anywhere
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's range (a signed 64-bit integer)
+SEED_MOD = 2**63  # seeds are used as seed % 2**63: non-negative, and seed + i fits 64 bits
 
 
 class _Body(BaseModel):
@@ -72,23 +98,34 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
-    max_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_INT)
     stream: bool = False
     stream_options: StreamOptions | None = None
     strategy: str | None = None  # our extension: an inference-time strategy spec, e.g. "sc@8"
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int | None) -> int | None:
+        """Any signed 64-bit seed is accepted, as OpenAI does; a negative one is used as
+        ``seed % 2**63``, so every engine (and ``seed + i`` for choice i) gets a value it takes."""
+        return None if v is None else v % SEED_MOD
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list):
-            if len(v) > 16:
-                raise ValueError("at most 16 stop sequences")
+            if len(v) > MAX_STOP:
+                raise ValueError(f"at most {MAX_STOP} stop sequences")
             if any(not s for s in v):
                 raise ValueError("stop sequences must be non-empty")
+        for s in [v] if isinstance(v, str) else v or []:
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"each stop sequence may have at most {MAX_STOP_CHARS} characters, "
+                                 f"not {len(s)}")
         return v
 
     @property
@@ -97,11 +134,11 @@ class _Sampling(_Body):
 
 
 class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -137,13 +174,19 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT)
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, v: Any) -> Any:
+    def _non_empty(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
+        prompts = len(v) if isinstance(v, list) and not isinstance(v[0], int) else 1
+        if prompts > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, not {prompts}")
+        n = info.data.get("n", 1)  # validated before prompt
+        if prompts * n > MAX_SEQUENCES:
+            raise ValueError(f"n x prompts may be at most {MAX_SEQUENCES}, not {n} x {prompts}")
         return v
 
     def prompts(self) -> list[str | list[int]]:
@@ -159,7 +202,7 @@ class CompletionRequest(_Sampling):
 class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
@@ -167,6 +210,62 @@ class TokenizeRequest(_Body):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self
+
+
+def _is_text(value: Any) -> bool:
+    """Whether every string in ``value`` (keys included) is valid Unicode (C speed)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    except (RecursionError, ValueError, TypeError):
+        return True  # not something to judge here: nested past what any encoder takes
+    return True
+
+
+def _printable(key: Any) -> str:
+    return str(key).encode("utf-8", "backslashreplace").decode()
+
+
+def _locate(value: Any) -> str | None:
+    """The dotted path of a string in ``value`` that is not valid Unicode (None: there is
+    none), found by halving each level's entries, so a wide body costs O(size x log(width))
+    in C. Each step keeps the invariant that ``value`` holds such a string."""
+    if _is_text(value):
+        return None
+    path: list[str] = []
+    while isinstance(value, dict | list):
+        keys = list(value) if isinstance(value, dict) else list(range(len(value)))
+        values = list(value.values()) if isinstance(value, dict) else value
+        if isinstance(value, dict) and not _is_text(keys):
+            values = keys  # the key itself is the bad string
+        lo, hi = 0, len(values)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _is_text(values[lo:mid]):
+                lo = mid
+            else:
+                hi = mid
+        path.append(_printable(keys[lo]))
+        value = values[lo]
+    return ".".join(path)
+
+
+def check_text(body: BaseModel) -> None:
+    """Refuse a string the body carries that is not valid Unicode text (a lone surrogate such
+    as ``"\\ud800"``, which JSON can spell): no tokenizer, upstream or JSON encoder takes it.
+    The error names the field, e.g. ``messages.0.content``. Unknown fields are checked as
+    well (an upstream backend forwards them). A valid body costs one serialization in Rust."""
+    try:
+        body.model_dump_json()
+        return
+    except PydanticSerializationError:  # a bad string, or nesting past the serializer's limit
+        pass
+    path = _locate(body.model_dump())
+    if path is None:
+        return
+    raise BadRequest(f"{path or 'body'}: not valid Unicode text (it holds a lone surrogate)",
+                     param=path or None, code="invalid_text")
 
 
 def chat_options(req: ChatRequest) -> dict[str, Any]:

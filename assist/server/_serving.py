@@ -5,9 +5,16 @@ Model names follow ``[STRATEGY::]MODEL``: ``assistant`` is the plain model, and
 because it appears in no model id we know of (Hugging Face ids use ``/``, ``-`` and ``.``;
 Ollama tags a single ``:``). The extra body field ``"strategy": "sc@8"`` does the same.
 
-Admission is bounded: beyond ``max_in_flight`` accepted requests the answer is 429 with
-``Retry-After``; an accepted request is always answered (or cancelled because its client
-left, which frees its engine slots).
+Admission counts engine work, not requests: each request weighs its worst-case model
+completions (``n`` for a chat, prompts x ``n`` for a completion, ``n`` x the strategy's
+:meth:`~strategies._base.StrategyBase.bound` for a strategy), and beyond ``max_in_flight``
+of them the answer is 429 with ``Retry-After``. An accepted request is always answered, or
+cancelled with every sub-call it started when it fails or its client leaves (streamed or
+not), which frees its engine slots.
+
+Strategy specs from clients are held to a :class:`strategies.Policy`: the strategies
+served, resources named (never paths), and limits on depth, ``k``, calls and tokens,
+all checked before any work starts (a 400 naming the limit).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from assist._tasks import gather
 from assist.errors import AssistError, BadRequest, NotFound, Overloaded
 from assist.server._backend import Backend
 from assist.server._metrics import Metrics
@@ -31,6 +39,9 @@ __all__ = ["SEPARATOR", "ClientGone", "Serving", "StrategyResolver", "split_mode
 T = TypeVar("T")
 SEPARATOR = "::"
 StrategyResolver = Callable[[str], Any]  # spec -> an object with `async run(model, messages)`
+MAX_CALLS = 256  # per request, when no policy says otherwise (the strategies package is absent)
+STRATEGY_SEEDS = 2**61  # a request's seed, modulo this, seeds a strategy (smaller seeds are kept as they are)
+UNKNOWN_CALL_TOKENS = 4096  # a call's length when neither the request nor the backend bounds it
 
 
 class ClientGone(Exception):
@@ -45,40 +56,97 @@ def split_model(name: str | None) -> tuple[str | None, str | None]:
     return None, name
 
 
-def _default_resolver(spec: str) -> Any:
+def _default_policy() -> Any:
+    """Every registered strategy, no resources, no python tool, the default limits; None
+    when the strategies package is not installed."""
     try:
-        import strategies
-    except ImportError as exc:  # the core install may lack the strategies package
-        raise NotFound(f"strategies are not installed (asked for {spec!r})", param="strategy") from exc
-    try:
-        return strategies.parse(spec)
-    except ValueError as exc:
-        raise NotFound(f"unknown strategy {spec!r}: {exc}", param="strategy",
-                       code="strategy_not_found") from exc
+        from strategies import Policy
+    except ImportError:
+        return None
+    return Policy()
+
+
+def _spec_error(exc: Exception) -> AssistError:
+    """A SpecError as the client sees it: 404 for a strategy not served, else a 400 that
+    names the option or the limit."""
+    from strategies import LimitError
+
+    message = getattr(exc, "message", str(exc))
+    if getattr(exc, "unknown", False):
+        return NotFound(message, param="strategy", code="strategy_not_found")
+    code = "limit_exceeded" if isinstance(exc, LimitError) else "invalid_strategy"
+    return BadRequest(message, param=getattr(exc, "param", None) or "strategy", code=code)
+
+
+def _resolver(policy: Any) -> StrategyResolver:
+    def resolve(spec: str) -> Any:
+        try:
+            import strategies
+        except ImportError as exc:  # the core install may lack the strategies package
+            raise NotFound(f"strategies are not installed (asked for {spec[:100]!r})", param="strategy",
+                           code="strategy_not_found") from exc
+        try:
+            return strategies.parse(spec, policy=policy)
+        except strategies.SpecError as exc:
+            raise _spec_error(exc) from None
+        except (ValueError, TypeError) as exc:  # a plugin strategy's own check
+            raise BadRequest(f"strategy {spec[:100]!r}: {exc}", param="strategy", code="invalid_strategy") from None
+
+    return resolve
 
 
 class Serving:
+    """``names[0]`` is the model name clients see; further names (a checkpoint's path, say)
+    are accepted but never printed. ``policy`` (default: :class:`strategies.Policy()`)
+    holds strategy specs to its strategies, resources and limits; ``max_in_flight`` counts
+    model completions admitted at once."""
+
     def __init__(
         self, backend: Backend, *, names: Sequence[str] = ("assistant",), max_in_flight: int = 256,
-        resolver: StrategyResolver | None = None, strategy_aliases: Sequence[str] = (),
+        resolver: StrategyResolver | None = None, strategy_aliases: Sequence[str] = (), policy: Any = None,
     ) -> None:
         self.backend = backend
         self.names = list(names)
         self.max_in_flight = max_in_flight
-        self.resolver = resolver or _default_resolver
-        self.strategy_aliases = list(strategy_aliases)
+        self.policy = policy if policy is not None else _default_policy()
+        self.resolver = resolver or _resolver(self.policy)
+        limits = getattr(self.policy, "limits", None)
+        self.max_calls = int(getattr(limits, "max_calls", MAX_CALLS))
         self.metrics = Metrics()
+        self.units = 0  # admitted model completions (worst case) in flight
         self.started = int(time.time())
+        self.strategy_aliases = [a for a in strategy_aliases if self._serves(a)]
+
+    def _serves(self, spec: str) -> bool:
+        try:
+            self.resolver(spec)
+        except AssistError:
+            return False
+        return True
 
     # -- admission ------------------------------------------------------------------------
-    def _admit(self) -> None:
-        if self.metrics.in_flight >= self.max_in_flight:
-            self.metrics.rejected += 1
-            raise Overloaded(f"the server is at capacity ({self.max_in_flight} requests in flight); retry shortly",
-                             retry_after=1.0)
-        self.metrics.in_flight += 1
+    def _weigh(self, calls: int, what: str) -> int:
+        """A request's admission weight: its worst-case model calls, refused (400) over the
+        per-request limit before anything runs."""
+        if calls > self.max_calls:
+            raise BadRequest(f"this request may make up to {calls} model calls ({what}); this server allows "
+                             f"{self.max_calls} per request", param="max_calls", code="limit_exceeded")
+        return max(1, calls)
 
-    def _release(self) -> None:
+    def _admit(self, weight: int = 1) -> int:
+        """Admit ``weight`` units or answer 429; returns what to :meth:`_release`. A request
+        heavier than the whole capacity runs alone (it waits for an idle server)."""
+        weight = max(1, min(weight, self.max_in_flight))
+        if self.units + weight > self.max_in_flight:
+            self.metrics.rejected += 1
+            raise Overloaded(f"the server is at capacity ({self.units} of {self.max_in_flight} model calls in "
+                             f"flight; this request needs {weight}); retry shortly", retry_after=1.0)
+        self.units += weight
+        self.metrics.in_flight += 1
+        return weight
+
+    def _release(self, weight: int = 1) -> None:
+        self.units -= weight
         self.metrics.in_flight -= 1
 
     async def _guarded(self, request: Request, work: Awaitable[T]) -> T:
@@ -92,12 +160,18 @@ class Serving:
         watcher = asyncio.ensure_future(disconnected())
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # we were cancelled ourselves: so is the work
+            task.cancel()
+            raise
         finally:
             watcher.cancel()
         if task.done():
             return task.result()
         task.cancel()
         self.metrics.cancelled += 1
+        # Wait for the cancellation to reach every sub-call, so the admission slot is
+        # released when the engine work has stopped, not before.
+        await asyncio.wait({task})
         raise ClientGone
 
     # -- routing ----------------------------------------------------------------------------
@@ -109,40 +183,44 @@ class Serving:
                              param="strategy")
         spec = spec or strategy
         name = name or self.names[0]
-        if name not in self.names:
-            raise NotFound(f"The model `{name}` does not exist. Served: {', '.join(self.names)}",
+        if name not in self.names:  # only the public name is printed: the others may be paths
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise NotFound(f"The model {shown!r} does not exist; this server serves {self.names[0]!r}",
                            param="model", code="model_not_found")
         return name, (self.resolver(spec) if spec else None)
 
     # -- routes -----------------------------------------------------------------------------
     async def chat(self, req: ChatRequest, request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
         name, strategy = self.route(req.model, req.strategy)
-        self._admit()
+        if strategy is None:
+            weight = self._admit(self._weigh(req.n, f"n={req.n}"))
+            if req.stream:
+                return await self._sse(self.backend.stream_chat(req), name, weight)
+            return await self._answer(request, self.backend.chat(req), name, weight)
+        runs, calls = self._plan(strategy, req)
+        weight = self._admit(calls)
         if req.stream:
-            if strategy is not None:
-                source = self._strategy_stream(strategy, req, name, request)
-            else:
-                source = self.backend.stream_chat(req)
-            return await self._sse(source, name)
-        work = self._run_strategy(strategy, req, name) if strategy is not None else self.backend.chat(req)
-        return await self._answer(request, work, name)
+            return await self._sse(self._strategy_stream(runs, req, name, request), name, weight)
+        return await self._answer(request, self._run_strategy(runs, req, name), name, weight)
 
     async def complete(self, req: CompletionRequest, request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
         name, strategy = self.route(req.model, req.strategy)
         if strategy is not None:
             raise BadRequest("strategies run on chat; use /v1/chat/completions", param="strategy")
-        self._admit()
+        prompts = len(req.prompts())
+        weight = self._admit(self._weigh(prompts * req.n, f"{prompts} prompt(s) x n={req.n}"))
         if req.stream:
-            return await self._sse(self.backend.stream_complete(req), name)
-        return await self._answer(request, self.backend.complete(req), name)
+            return await self._sse(self.backend.stream_complete(req), name, weight)
+        return await self._answer(request, self.backend.complete(req), name, weight)
 
-    async def _answer(self, request: Request, work: Awaitable[dict[str, Any]], name: str) -> dict[str, Any]:
+    async def _answer(self, request: Request, work: Awaitable[dict[str, Any]], name: str,
+                      weight: int) -> dict[str, Any]:
         """A whole (non-streamed) answer: run it until done or the client leaves, release the
         admission slot, name the model as the client asked for it, count its tokens."""
         try:
             body = await self._guarded(request, work)
         finally:
-            self._release()
+            self._release(weight)
         body["model"] = name
         self.metrics.count_usage(body.get("usage"))
         return body
@@ -154,22 +232,40 @@ class Serving:
         return {"object": "list", "data": data}
 
     # -- strategies -------------------------------------------------------------------------
-    async def _run_strategy(self, strategy: Any, req: ChatRequest, name: str) -> dict[str, Any]:
-        """The strategy keeps its own sampling (from its spec); the request's ``max_tokens``
-        caps each of its calls and its ``seed`` seeds it (choice i: seed + i)."""
-        from strategies._base import with_fields
-
-        messages = [m.to_dict() for m in req.messages]
+    def _plan(self, strategy: Any, req: ChatRequest) -> tuple[list[Any], int]:
+        """The request's ``n`` runs of the strategy, configured (its ``max_tokens`` caps each
+        call, its ``seed`` seeds run i with seed + i), and their worst-case model calls,
+        checked against the limits: all before any work starts."""
+        from strategies._base import bound_of, with_fields
 
         def configured(i: int) -> Any:
             changes: dict[str, Any] = {}
             if req.limit is not None:
                 changes["max_tokens"] = req.limit
-            if req.seed is not None:
-                changes["seed"] = req.seed + i
+            if req.seed is not None:  # any 64-bit seed; folded so that seed + offsets stay in range
+                changes["seed"] = req.seed % STRATEGY_SEEDS + i
             return with_fields(strategy, lambda node: changes) if changes else strategy
 
-        results = await asyncio.gather(*(configured(i).run(self.backend.model, messages) for i in range(req.n)))
+        try:
+            runs = [configured(i) for i in range(req.n)]
+        except (ValueError, TypeError) as exc:  # a seed or max_tokens the strategy refuses
+            raise BadRequest(f"strategy: {exc}", param=getattr(exc, "option", None) or "strategy") from None
+        known = [x for x in (req.limit, self.backend.context_length) if x]
+        cap = min(known) if known else UNKNOWN_CALL_TOKENS
+        if self.policy is not None:
+            try:
+                calls = self.policy.check_cost(runs[0], n=req.n, max_tokens=cap).calls
+            except ValueError as exc:
+                raise _spec_error(exc) from None
+        else:
+            calls = bound_of(runs[0], cap).calls * req.n
+        return runs, self._weigh(calls, f"n={req.n} x the strategy's {calls // max(1, req.n)}")
+
+    async def _run_strategy(self, runs: Sequence[Any], req: ChatRequest, name: str) -> dict[str, Any]:
+        """Run each choice's strategy; when one fails, the others are cancelled with it."""
+
+        messages = [m.to_dict() for m in req.messages]
+        results = await gather(*(run.run(self.backend.model, messages) for run in runs))
         choices, usage, calls = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, 0
         for i, result in enumerate(results):
             message = result.message.model_dump(exclude_none=True)
@@ -180,12 +276,13 @@ class Serving:
             calls += int(getattr(result, "calls", 0) or getattr(result.usage, "calls", 0) or 0)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": name, "choices": choices, "usage": {**usage, "calls": calls},
-                "strategy": getattr(strategy, "spec", None) or req.strategy}
+                "strategy": getattr(runs[0], "spec", None) or req.strategy}
 
-    async def _strategy_stream(self, strategy: Any, req: ChatRequest, name: str,
+    async def _strategy_stream(self, runs: Sequence[Any], req: ChatRequest, name: str,
                                request: Request) -> AsyncIterator[dict[str, Any]]:
-        """A strategy answers as a whole; its answer is sent as one content delta per choice."""
-        body = await self._run_strategy(strategy, req, name)
+        """A strategy answers as a whole; its answer is sent as one content delta per choice.
+        Until then the client is watched: when it leaves, the strategy's work is cancelled."""
+        body = await self._guarded(request, self._run_strategy(runs, req, name))
         base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": name}
         for c in body["choices"]:
             delta = {"role": "assistant", "content": c["message"].get("content") or ""}
@@ -197,7 +294,7 @@ class Serving:
             yield {**base, "choices": [], "usage": body["usage"]}
 
     # -- server-sent events -----------------------------------------------------------------
-    async def _sse(self, source: AsyncIterator[dict[str, Any]], name: str) -> AsyncIterator[bytes]:
+    async def _sse(self, source: AsyncIterator[dict[str, Any]], name: str, weight: int) -> AsyncIterator[bytes]:
         """Start the stream (errors before the first chunk are ordinary HTTP errors), then
         relay chunks as SSE; an error mid-stream becomes an ``error`` event."""
         try:
@@ -205,13 +302,13 @@ class Serving:
         except StopAsyncIteration:
             first = None
         except BaseException:
-            self._release()
+            self._release(weight)
             await _close(source)
             raise
-        return self._events(source, first, name)
+        return self._events(source, first, name, weight)
 
     async def _events(self, source: AsyncIterator[dict[str, Any]], first: dict[str, Any] | None,
-                      name: str) -> AsyncIterator[bytes]:
+                      name: str, weight: int) -> AsyncIterator[bytes]:
         finished = False
         try:
             if first is not None:
@@ -225,7 +322,7 @@ class Serving:
         finally:
             if not finished:  # the client went away: the generator was closed mid-stream
                 self.metrics.cancelled += 1
-            self._release()
+            self._release(weight)
             await _close(source)
         yield b"data: [DONE]\n\n"
 

@@ -69,7 +69,11 @@ def _train_until(out, line: str) -> None:
 def test_reward_model_and_rl_resumed_in_new_processes_match_an_uninterrupted_run(tmp_path):
     cfg = apply_overrides(preset("test"), SMALL)
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(cfg, straight, EARLY + LATE, reporter=_quiet())  # one process, stage after stage
+    # One process, stage after stage: a fresh one, so the comparison is between processes
+    # that start alike (pytest's own may carry another test's torch thread settings).
+    proc = run_assist("train", "--preset", "test", *[a for s in SMALL for a in ("--set", s)],
+                      "--stages", ",".join(EARLY + LATE), "--out", str(straight))
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
     run(cfg, split, EARLY, reporter=_quiet())  # stopped after SFT ...
     _train_until(split, "rl: checkpoint step 1")  # a new process: the whole rm stage, part of rl

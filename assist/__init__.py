@@ -10,19 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from assist._chat_format import (
+from assist.chat_format import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     parse_tool_calls,
     render,
     render_segments,
 )
-from assist._prompts import Passage, render_passages
-from assist._protocol import ChatModel, Messages
+from assist.prompts import Passage, render_passages
+from assist.protocol import ChatModel, Messages
 from assist.types import ChatCompletion, Choice, Message, ToolCall, Usage
 
 if TYPE_CHECKING:
-    from assist._remote import RemoteChatModel
+    from assist._remote import RemoteChatModel, list_models
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "Usage",
     "__version__",
     "connect",
+    "list_models",
     "load",
     "parse_tool_calls",
     "render",
@@ -79,9 +80,9 @@ def connect(base_url: str | Sequence[str], model: str, api_key: str | None = Non
 
 
 def __getattr__(name: str) -> Any:
-    # RemoteChatModel is exported lazily: importing assist should not pull httpx in.
-    if name == "RemoteChatModel":
-        from assist._remote import RemoteChatModel
+    # The remote client's names are exported lazily: importing assist should not pull httpx in.
+    if name in ("RemoteChatModel", "list_models"):
+        from assist import _remote
 
-        return RemoteChatModel
+        return getattr(_remote, name)
     raise AttributeError(f"module 'assist' has no attribute {name!r}")

@@ -31,7 +31,6 @@ import httpx
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
-from assist._protocol import Messages
 from assist.errors import (
     AssistError,
     BadRequest,
@@ -41,9 +40,10 @@ from assist.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from assist.protocol import Messages
 from assist.types import ChatCompletion, Usage
 
-__all__ = ["RemoteChatModel", "connect"]
+__all__ = ["RemoteChatModel", "connect", "list_models"]
 
 log = logging.getLogger("assist.remote")
 
@@ -431,3 +431,32 @@ def connect(base_url: str | Sequence[str], model: str, api_key: str | None = Non
             **options: Any) -> RemoteChatModel:
     """A ChatModel over OpenAI-compatible server(s); ``options`` go to RemoteChatModel."""
     return RemoteChatModel(base_url, model, api_key, **options)
+
+
+def list_models(base_url: str, api_key: str | None = None, *, timeout: float = 10.0,
+                trust_env: bool = True) -> list[dict[str, Any]]:
+    """The model entries (``{"id": ..., ...}``) a server lists on ``GET /v1/models``.
+
+    A plain synchronous call, for use before an event loop starts. Failures are
+    :mod:`assist.errors`: :class:`NotFound` for a server without the route,
+    :class:`UpstreamTimeout`/:class:`UpstreamError` for one that cannot be reached or does
+    not answer with an OpenAI model list; a ``base_url`` that is not http(s) is a ValueError.
+    """
+    root = _root(base_url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(root + "/v1/models", headers=headers, timeout=timeout,
+                             trust_env=trust_env)
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"{root}/v1/models did not answer in {timeout:g}s") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"cannot reach {root} ({type(exc).__name__}: {exc})") from exc
+    if response.status_code != 200:
+        raise _status_error(response)
+    try:
+        data = response.json()["data"]
+        if not isinstance(data, list) or not all(isinstance(m, dict) and "id" in m for m in data):
+            raise TypeError(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UpstreamError(f"{root}/v1/models is not an OpenAI model list") from exc
+    return data

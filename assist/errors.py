@@ -1,8 +1,24 @@
-"""Errors every engine and client raises, each carrying the HTTP status OpenAI would use.
+"""The project's one error tree: every error it raises on purpose is an ``AssistError``.
 
-Engines and clients map third-party failures (httpx, vLLM, torch) to these at their
-boundary, so the server turns any of them into OpenAI's nested error shape without
-knowing where it came from, and Python callers catch one family.
+Each class carries two statuses: ``status``, the HTTP status OpenAI would use (the server
+turns any of them into OpenAI's nested error shape without knowing where it came from),
+and ``exit_status``, what a command exits with (2: the user can fix it; the CLI prints
+one line, never a traceback). Engines and clients map third-party failures (httpx, vLLM,
+torch) to these at their boundary; the other packages subclass the branch that fits:
+
+- :class:`BadRequest` (400): bad input, a bad option, flag, file or config: the
+  strategies' ``SpecError`` (and ``LimitError``), ``OptionError``, ``PolicyError``,
+  ``StoreError``, ``IngestError``, ``ToolError``, ``CalculatorError``; the evals'
+  ``EvalError`` and ``JsonlError``; training's ``ConfigError``, ``RunError`` and
+  ``CheckpointError``.
+- :class:`NotFound` (404): an unknown name (model, tool; a ``SpecError`` for an unknown
+  strategy answers 404 too).
+- :class:`Unavailable` (503): something the work needs cannot be loaded or started (an
+  optional package: ``EmbedderError``; a vLLM child: ``VLLMStartError``).
+- :class:`Overloaded` (429), :class:`Unauthorized` (401), :class:`UpstreamError` (502) and
+  :class:`UpstreamTimeout` (504).
+
+Python callers catch one family: ``except AssistError``.
 """
 
 from __future__ import annotations
@@ -16,16 +32,19 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "Unauthorized",
+    "Unavailable",
     "UpstreamError",
     "UpstreamTimeout",
 ]
 
 
 class AssistError(Exception):
-    """Base class: ``status`` is the HTTP status, ``type``/``param``/``code`` OpenAI's fields."""
+    """Base class: ``status`` is the HTTP status, ``type``/``param``/``code`` OpenAI's
+    fields, ``exit_status`` the command's exit status (the CLI prints ``message``)."""
 
     status = 500
     type = "server_error"
+    exit_status = 2
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -72,6 +91,14 @@ class Overloaded(AssistError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message, code="overloaded")
         self.retry_after = retry_after
+
+
+class Unavailable(AssistError, RuntimeError):
+    """Something the work needs cannot be loaded or started: an optional package that is
+    not installed, a child server that would not come up (HTTP 503)."""
+
+    status = 503
+    type = "service_unavailable"
 
 
 class UpstreamError(AssistError):

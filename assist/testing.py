@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from assist._protocol import Messages
+from assist.protocol import Messages
 from assist.types import ChatCompletion, Choice, FunctionCall, Message, ToolCall, Usage
 
 __all__ = ["FakeChatModel", "Reply", "running_server", "tool_reply"]

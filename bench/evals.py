@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from assist._prompts import COT_SUFFIX  # noqa: E402
 from assist.engine import SamplingParams, TorchEngine  # noqa: E402
+from assist.prompts import COT_SUFFIX  # noqa: E402
 from bench._common import write  # noqa: E402
 from evals._config import EvalConfig, build_task  # noqa: E402
 from evals.harness import evaluate, parse_strategies  # noqa: E402

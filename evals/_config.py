@@ -1,32 +1,30 @@
-"""Typed configuration of ``assist eval``, and the CLI flags generated from it.
+"""Typed configuration of an evaluation run (``assist eval run``).
 
-:class:`EvalConfig` (``assist eval run``) and :class:`DiversityConfig` (``assist eval
-diversity``) are the single source of every flag: its name, type, default and help text,
-so the Python API and the CLI cannot drift apart. Checks that need no model or file
-(flag combinations, the strategy list) happen in :func:`check`, before any work.
+:class:`EvalConfig` is the single source of every ``assist eval run`` flag: its name, type,
+default and help text, in the field metadata the CLI's flag generator
+(:mod:`assist.cli._flags`) reads, so the Python API and the CLI cannot drift apart. Checks
+that need no model or file (flag combinations, the strategy list) happen in :func:`check`,
+before any work. (:class:`evals.diversity.DiversityConfig` configures ``assist eval
+diversity``.)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from assist.errors import BadRequest
 
 __all__ = [
-    "DiversityConfig",
     "EvalConfig",
     "EvalError",
-    "add_flags",
     "build_task",
     "check",
-    "config_from_args",
     "default_data_dir",
     "default_out",
     "generated_task",
@@ -35,15 +33,20 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-EXTRACTOR_NAMES = ("strict", "flexible", "final", "answer", "letter", "text")
-C = TypeVar("C")
 
 
-class EvalError(ValueError):
+def _extractor_names() -> tuple[str, ...]:
+    """The ``--extractor`` choices, read where they live when the parser is built."""
+    from strategies.extract import EXTRACTORS
+
+    return tuple(EXTRACTORS)
+
+
+class EvalError(BadRequest):
     """A user mistake found before or while setting up a run; the message is one line."""
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+def _f(default: Any, help: str, choices: Any = None, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, **kw})
 
 
@@ -70,7 +73,7 @@ class EvalConfig:
                                      "of runs errored (model or transport failures, not wrong "
                                      "answers); default 0.05, 0: any error fails the run")
     data_dir: str | None = _f(None, "gsm8k: folder with test.jsonl (default: ../shared/data/gsm8k)")
-    extractor: str = _f("strict", "answer extractor of a gsm8k / .jsonl task", EXTRACTOR_NAMES)
+    extractor: str = _f("strict", "answer extractor of a gsm8k / .jsonl task", _extractor_names)
     on_bad_line: str = _f("stop", "a malformed .jsonl line: stop (exit 2) or skip it",
                           ("stop", "skip"))
     embedder: str = _f("auto", "embedder of the facts store built for rag (auto: minilm if it "
@@ -78,51 +81,6 @@ class EvalConfig:
     baseline: str | None = _f(None, "strategy the others are compared with (default: the first)")
     task_config: str | None = _f(None, "a run's metrics.json whose arith/facts settings to use "
                                        "(default: the one beside --model, if any)")
-
-
-@dataclass
-class DiversityConfig:
-    models: str = _f("", "comma-separated checkpoint folders, e.g. runs/tiny/base,runs/tiny/rlhf")
-    prompts: int = _f(32, "arith test questions sampled (the last N, as training reports)")
-    k: int = _f(8, "samples per prompt at --temperature")
-    temperature: float = _f(1.0, "sampling temperature (1: the model's own distribution)")
-    max_new_tokens: int = _f(96, "longest sample")
-    seed: int = _f(0, "sampling seed")
-    out: str | None = _f(None, "output folder (default: runs/eval/diversity-<time>)")
-
-
-def _base_type(annotation: Any) -> type:
-    """``int | None`` → int; ``bool`` → bool."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, suppress: bool = False) -> None:
-    """One ``--flag`` per field of ``cls``. ``suppress`` leaves unset flags out of the
-    namespace (for a parent parser whose subcommand declares the same flags)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(hints[f.name])
-        kw: dict[str, Any] = {"help": f.metadata["help"]}
-        if suppress:
-            kw["default"] = argparse.SUPPRESS
-        elif f.default is not dataclasses.MISSING:
-            kw["default"] = f.default
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", **kw)
-            continue
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, type=kind, **kw)
-
-
-def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """The config named by parsed flags; fields without a flag value keep their default."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-              if hasattr(args, f.name)}
-    return cls(**values)
 
 
 # A piece that continues the previous spec's options ("t=0.7" in "sc@8:seed=1,t=0.7").
@@ -220,7 +178,7 @@ def build_task(cfg: EvalConfig) -> Any:
     """The task ``cfg`` names, its test split read now, so a missing file or a bad line
     fails before any model loads (the message names ``file:line``)."""
     from evals.tasks import JsonlError, JsonlTask, gsm8k_task
-    from strategies._extract import EXTRACTORS
+    from strategies.extract import EXTRACTORS
 
     try:
         if cfg.task in ("arith", "facts"):
@@ -240,7 +198,7 @@ def build_task(cfg: EvalConfig) -> Any:
         else:
             raise EvalError(f"unknown task {cfg.task!r}; expected arith, facts, gsm8k or a "
                             "PATH.jsonl")
-        task.extractor = EXTRACTORS[cfg.extractor]  # the full set, not only gsm8k's three
+        task.extractor = EXTRACTORS[cfg.extractor]
         if not task.split("test"):
             raise EvalError(f"task {cfg.task}: no test items")
     except JsonlError as exc:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from evals.stats import paired_bootstrap
-from strategies._extract import normalize
-from strategies.self_consistency import vote
+from strategies.extract import normalize
+from strategies.voting import vote
 
 __all__ = [
     "Paired",

@@ -43,8 +43,8 @@ from typing import Any
 
 from rich.console import Console
 
-from assist._protocol import ChatModel, Messages
 from assist.errors import AssistError
+from assist.protocol import ChatModel, Messages
 from assist.types import ChatCompletion
 from evals._config import EvalError
 from evals._records import (
@@ -64,7 +64,7 @@ from evals._records import (
     run_identity,
 )
 from evals.tasks import Sample, Task
-from strategies._base import nodes, with_fields
+from strategies import nodes, with_fields
 
 __all__ = ["IDENTITY", "LOCK", "SAMPLES", "ErrorStats", "Record", "claim", "error_stats",
            "evaluate", "length_warning", "locked", "nodes", "parse_strategies", "pending",
@@ -143,9 +143,13 @@ def prepare_strategies(
 
 def _facts_store(task: Any, path: Path, embedder: str, console: Console) -> Any:
     """The facts passages in a store at ``path``; an existing one is topped up (resume)."""
-    from strategies._embed import EmbedderError, HashingEmbedder, MiniLMEmbedder
-    from strategies._ingest import store_from_facts
-    from strategies._store import StoreError
+    from strategies import (
+        EmbedderError,
+        HashingEmbedder,
+        MiniLMEmbedder,
+        StoreError,
+        store_from_facts,
+    )
 
     chosen: Any = None  # an existing store keeps the embedder it was built with
     if not path.exists():
@@ -173,13 +177,18 @@ class _Tap:
         self.name = model.name
         self.choices: list[list[tuple[str, str]]] = []  # per call: (text, finish_reason)
         self.prompt_tokens = self.completion_tokens = self.calls = 0
+        self.refusals: list[BaseException] = []  # what the model itself raised
 
     @property
     def supports_n(self) -> bool:  # read live: a remote model may find out it lacks n
         return self.model.supports_n
 
     async def chat(self, messages: Messages, **kwargs: Any) -> ChatCompletion:
-        completion = await self.model.chat(messages, **kwargs)
+        try:
+            completion = await self.model.chat(messages, **kwargs)
+        except AssistError as exc:
+            self.refusals.append(exc)
+            raise
         self.calls += 1
         self.prompt_tokens += completion.usage.prompt_tokens
         self.completion_tokens += completion.usage.completion_tokens
@@ -199,10 +208,12 @@ class _Tap:
         return self.choices[-1][0][1] if self.choices and self.choices[-1] else "stop"
 
 
-def _refusal(exc: BaseException) -> bool:
+def _refusal(exc: BaseException, tap: _Tap) -> bool:
     """A 4xx from the model (context overflow, a bad parameter): the same call will be
-    refused again, so the run is final; 408 and 429 are worth another try."""
-    return isinstance(exc, AssistError) and 400 <= exc.status < 500 and exc.status not in (408, 429)
+    refused again, so the run is final; 408 and 429 are worth another try. Only what the
+    model raised counts: a strategy's own error (a 400-class one too) is retried."""
+    return (isinstance(exc, AssistError) and 400 <= exc.status < 500 and exc.status not in (408, 429)
+            and any(exc is r for r in tap.refusals))
 
 
 async def _run_one(model: ChatModel, task: Task, item: Sample, strategy: Any, seed: int,
@@ -217,7 +228,7 @@ async def _run_one(model: ChatModel, task: Task, item: Sample, strategy: Any, se
             return {"text": "", "answer": None, "correct": False, "finish_reason": "error",
                     "prompt_tokens": tap.prompt_tokens, "completion_tokens": tap.completion_tokens,
                     "calls": tap.calls, "latency_s": round(time.perf_counter() - t0, 4),
-                    "error": f"{type(exc).__name__}: {exc}", "retry": not _refusal(exc), "seed": seed,
+                    "error": f"{type(exc).__name__}: {exc}", "retry": not _refusal(exc, tap), "seed": seed,
                     "trace": []}
     score = task.score(item, result.text)
     usage = result.usage

@@ -39,7 +39,13 @@ from evals.stats import (
 )
 
 __all__ = [
+    "DEMO_ARITH",
+    "DEMO_BON",
+    "DEMO_FACTS",
+    "DEMO_SC",
     "compare",
+    "demo_claims",
+    "demo_records",
     "load_results",
     "markdown_table",
     "plot_cost_frontier",
@@ -399,3 +405,130 @@ def compare(dirs: Sequence[Path | str]) -> Table:
         cells = [doc["summary"].get(task, {}).get(strategy) for doc in docs]
         table.add_row(task, strategy, *("—" if st is None else _acc_cell(st) for st in cells))
     return table
+
+
+# -- the demo's claims ----------------------------------------------------------------------
+# What `assist demo` evaluates on held-out arith and facts; the claims below read these runs.
+DEMO_SC, DEMO_BON = "sc@16:t=0.7", "bon@16:t=0.7"
+DEMO_ARITH = f"direct,cot,{DEMO_SC},{DEMO_BON},reflect,tools"
+DEMO_FACTS = "plain,rag"  # closed book is the question as asked (facts were never asked with a suffix)
+
+
+def demo_records(folder: Path) -> list[dict[str, Any]]:
+    """The records of one eval folder of the demo ([] when it was not run)."""
+    path = folder / "samples.jsonl"
+    return read_samples(path) if path.is_file() else []
+
+
+def _claim_row(claim: str, goal: str, measured: str, verdict: str, met: bool | None) -> dict[str, Any]:
+    return {"claim": claim, "goal": goal, "measured": measured, "verdict": verdict,
+            "goal_met": met}
+
+
+def demo_claims(run_dir: Path) -> dict[str, Any]:
+    """Every claim of the demo's report, with its goal, this run's figure and a verdict, from
+    what ``assist demo`` left in ``RUN/eval`` and ``assist train`` in ``RUN/metrics.json``."""
+    from evals._config import generated_task, run_settings
+    from evals.claims import maj_at_k_from_votes, paired, per_item, recommend, tool_copy_accuracy
+
+    SC, BON = DEMO_SC, DEMO_BON
+
+    ev = run_dir / "eval"
+    settings = run_settings(run_dir / "metrics.json")
+    ledger = json.loads((run_dir / "metrics.json").read_text())
+    stages = ledger.get("stages", {})
+    arith = demo_records(ev / "arith")
+    sft, scratch, facts = demo_records(ev / "arith-sft"), demo_records(ev / "arith-scratch"), demo_records(ev / "facts")
+    summary = summarize(arith, baseline="cot").get("arith", {})
+    curve = maj_at_k_from_votes(arith, SC)
+    if SC in summary and curve["maj_at_k"]:
+        summary[SC]["maj_at_k"], summary[SC]["pass_at_k"] = curve["maj_at_k"], curve["pass_at_k"]
+    acc = {s: per_item(arith, s) for s in summary}
+
+    def pair(a: str, b: str, better: dict[str, float] | None = None,
+             worse: dict[str, float] | None = None) -> Any:
+        return paired(acc.get(a, {}) if better is None else better, acc.get(b, {}) if worse is None else worse,
+                      (a, b))
+
+    rows: list[dict[str, Any]] = []
+    cot = summary.get("cot", {}).get("accuracy")
+    cot_ci = summary.get("cot", {}).get("ci95", [None, None])
+    rows.append(_claim_row("Room to improve: greedy chain of thought is far from perfect", "cot between 35% and 70%",
+                     f"cot {_pct(cot)} [{_pct(cot_ci[0])}, {_pct(cot_ci[1])}] on {summary.get('cot', {}).get('n', 0)} items",
+                     "–", None if cot is None else 0.35 <= cot <= 0.70))
+    p = pair("cot", "direct")
+    rows.append(_claim_row("Models need tokens to think: chain of thought beats answering at once", "shown",
+                     p.text(), p.verdict, p.verdict == "shown"))
+    arith_task = generated_task("arith", settings)
+    samples = {s.id: s for s in arith_task.split("test")}
+    copy = tool_copy_accuracy(arith, samples)
+    p = pair("tools", "cot")
+    tools_acc = summary.get("tools", {}).get("accuracy")
+    rows.append(_claim_row("Tools: offload arithmetic to a calculator", "tools ≥ 95% and ≥ cot + 20 points",
+                     f"{p.text()}; operands copied into calls: {_pct(copy['call_accuracy'])} of "
+                     f"{copy['calls']} calls, every call right on {_pct(copy['item_accuracy'])} of items",
+                     p.verdict, None if tools_acc is None else tools_acc >= 0.95 and p.delta >= 0.20))
+    p = pair(SC, "cot")
+    maj = curve["maj_at_k"]
+    rising = bool(maj) and all(maj[b] >= maj[a] for a, b in zip((1, 2, 4, 8), (2, 4, 8, 16), strict=True)
+                               if a in maj and b in maj) and maj[max(maj)] > maj[1]
+    curve_text = ", ".join(f"maj@{k} {_pct(maj[k])}" for k in (1, 2, 4, 8, 16) if k in maj)
+    pass_k = curve["pass_at_k"]
+    rows.append(_claim_row("Ensembling: self-consistency over sampled chains beats one greedy chain",
+                     "sc@16 ≥ cot + 8 points; maj@k rises over k = 1..16",
+                     f"{p.text()}; {curve_text}; pass@16 {_pct(pass_k.get(16))}", p.verdict,
+                     bool(p.n) and p.delta >= 0.08 and rising))
+    rm = stages.get("rm", {})
+    p = pair(BON, SC)
+    rm_acc = rm.get("heldout_pair_accuracy")
+    rows.append(_claim_row("A reward model (verifier) picks the best of N samples, beating the vote",
+                     "RM held-out pairwise accuracy ≥ 0.75 and bon@16 ≥ sc@16",
+                     f"RM pairwise accuracy {rm_acc} on {rm.get('heldout_pairs')} held-out pairs; {p.text()}",
+                     p.verdict, rm_acc is not None and rm_acc >= 0.75 and bool(p.n) and p.delta >= 0))
+    p = pair("reflect", "cot")
+    rows.append(_claim_row("Asking the model to check its work fixes some answers", "reflect > cot shown",
+                     p.text(), p.verdict, p.verdict == "shown"))
+    facts_task = generated_task("facts", settings)
+    seen_ids = {f"facts-{e.id}-{a}" for e in facts_task.entities if e.seen for a in ("capital", "language", "currency", "founded")}
+    seen, unseen = (lambda i: i in seen_ids), (lambda i: i not in seen_ids)
+    closed_seen, closed_unseen = per_item(facts, "plain", seen), per_item(facts, "plain", unseen)
+    rag_seen, rag_unseen = per_item(facts, "rag", seen), per_item(facts, "rag", unseen)
+    mean = lambda d: sum(d.values()) / len(d) if d else None  # noqa: E731
+    p = paired(rag_unseen, closed_unseen, ("rag", "plain"))
+    cs, cu, ru = mean(closed_seen), mean(closed_unseen), mean(rag_unseen)
+    rows.append(_claim_row("Retrieval: the context window is working memory, the weights are long-term memory",
+                     "unseen kingdoms: rag ≥ 90%, closed book ≤ 10%; seen kingdoms: closed book ≥ 60%",
+                     f"unseen ({len(rag_unseen)} items): rag {_pct(ru)}, closed book {_pct(cu)}, paired Δ "
+                     f"{100 * p.delta:+.1f} [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}]; seen ({len(closed_seen)} items): "
+                     f"closed book {_pct(cs)}, rag {_pct(mean(rag_seen))}", p.verdict,
+                     None if None in (cs, cu, ru) else ru >= 0.9 and cu <= 0.1 and cs >= 0.6))
+    rl = stages.get("rl", {})
+    p = paired(acc.get("cot", {}), per_item(sft, "cot"), ("cot (rlhf)", "cot (sft)"))
+    div = {r["model"]: r for r in json.loads((ev / "diversity" / "diversity.json").read_text())["rows"]} \
+        if (ev / "diversity" / "diversity.json").is_file() else {}
+    ent = (div.get("sft", {}).get("entropy"), div.get("rlhf", {}).get("entropy"))
+    reward = (rl.get("reward_first"), rl.get("reward_last"))
+    collapse = None not in ent and ent[1] < ent[0]
+    rows.append(_claim_row("RLHF: RL against the reward model keeps (or improves) what SFT could do, and "
+                     "the RLHF model loses entropy (mode collapse)",
+                     "RLHF greedy accuracy ≥ SFT's (paired lower end ≥ 0); the reward rises; entropy drops",
+                     f"{p.text()}; reward ({rl.get('reward', '?')}) {reward[0]} → {reward[1]}; per-token entropy "
+                     f"SFT {ent[0]} → RLHF {ent[1]}", p.verdict,
+                     bool(p.n) and p.lo >= 0 and None not in reward and reward[1] > reward[0] and collapse))
+    p = paired(per_item(sft, "cot"), per_item(scratch, "cot"), ("cot (sft from base)", "cot (sft from random init)"))
+    rows.append(_claim_row("Pretraining learns general representations: SFT from the base model beats SFT "
+                     "from a random initialisation (same SFT data and steps)", "shown", p.text(), p.verdict,
+                     p.verdict == "shown"))
+    rec = recommend(summary)
+    if rec is not None:
+        rows.append(_claim_row("First get the best performance, then optimise cost",
+                         "name the best strategy and the cheapest within 2 points of it",
+                         f"best: `{rec['best']}` {_pct(rec['best_accuracy'])} at {rec['best_tokens']:.0f} tokens/item; "
+                         f"cheapest within 2 points: `{rec['cheapest']}` {_pct(rec['cheapest_accuracy'])} at "
+                         f"{rec['cheapest_tokens']:.0f} tokens/item", "–", True))
+    return {"rows": rows, "summary": summary, "tool_copy": copy, "recommendation": rec,
+            "facts": {"closed_seen": cs, "closed_unseen": cu, "rag_seen": mean(rag_seen), "rag_unseen": ru,
+                      "n_seen": len(closed_seen), "n_unseen": len(closed_unseen)},
+            "sft_cot": mean(per_item(sft, "cot")), "scratch_cot": mean(per_item(scratch, "cot")),
+            "maj_at_k": curve["maj_at_k"], "pass_at_k": curve["pass_at_k"], "rm_pair_accuracy": rm_acc,
+            "rl_reward": list(reward), "entropy": {"sft": ent[0], "rlhf": ent[1]}}

@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from assist._protocol import ChatModel, Messages
-from assist._tasks import gather
+from assist.errors import BadRequest
+from assist.fanout import gather
+from assist.protocol import ChatModel, Messages
 from assist.types import ChatCompletion, Message, Usage
 
 __all__ = ["Bound", "BudgetExhausted", "Cost", "OptionError", "Recorder", "Result", "Strategy", "StrategyBase",
@@ -26,12 +27,12 @@ __all__ = ["Bound", "BudgetExhausted", "Cost", "OptionError", "Recorder", "Resul
 SEED_LIMIT = 2**62  # seeds get offsets added (seed + i); this leaves room below int64's end
 
 
-class OptionError(ValueError):
+class OptionError(BadRequest):
     """A strategy option of the wrong type or out of range; ``option`` names it (the spec
-    parser reports it as the bad parameter)."""
+    parser reports it as the bad parameter). ``message`` is the complaint without the name."""
 
     def __init__(self, option: str, message: str) -> None:
-        super().__init__(f"{option}: {message}")
+        super().__init__(f"{option}: {message}", param=option)
         self.option = option
         self.message = message
 

@@ -16,6 +16,8 @@ import operator
 import re
 from collections.abc import Callable
 
+from assist.errors import BadRequest
+
 __all__ = ["MAX_BITS", "CalculatorError", "evaluate", "format_number"]
 
 MAX_BITS = 4096  # about 1,233 decimal digits: far beyond any word problem, cheap to compute
@@ -34,7 +36,7 @@ _SYMBOLS = {ast.BitXor: "^ (use ** for powers)", ast.BitAnd: "&", ast.BitOr: "|"
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
-class CalculatorError(ValueError):
+class CalculatorError(BadRequest):
     """An expression the calculator refuses or cannot evaluate; the message says why."""
 
 

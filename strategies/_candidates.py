@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from assist._protocol import ChatModel, Messages
+from assist.protocol import ChatModel, Messages
 from assist.types import Choice
 from strategies._base import gather, replaced
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from assist.errors import Unavailable
+
 __all__ = ["DIM", "Embedder", "EmbedderError", "HashingEmbedder", "MiniLMEmbedder", "embedder_by_name",
            "embedder_name"]
 
@@ -32,7 +34,7 @@ DIM = 384
 _WORD = re.compile(r"\w+")
 
 
-class EmbedderError(RuntimeError):
+class EmbedderError(Unavailable):
     """The embedding model cannot be loaded (its package is missing or broken)."""
 
 

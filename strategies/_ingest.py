@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from assist.errors import BadRequest
 from strategies._embed import Embedder
 from strategies._store import Chunk, DocumentStore
 
@@ -37,7 +38,7 @@ SUFFIXES = (".txt", ".md", ".jsonl")
 _HEADING = re.compile(r"^#{1,6}\s+(.*)$")
 
 
-class IngestError(ValueError):
+class IngestError(BadRequest):
     """A path or a record that cannot be indexed; the message names the file (and line)."""
 
 

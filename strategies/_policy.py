@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assist.errors import BadRequest
 from strategies._base import Bound, bound_of
 from strategies._spec import REGISTRY, LimitError, SpecError, nesting
 
@@ -36,7 +37,7 @@ DEFAULT = "default"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-class PolicyError(ValueError):
+class PolicyError(BadRequest):
     """A bad ``--resource`` or policy setting, found at start (it may name paths: only the
     operator reads it)."""
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from strategies._base import OptionError, Recorder, Result, StrategyBase, check_common, with_suffix
-from strategies._extract import EXTRACTORS, Extractor
+from strategies.extract import EXTRACTORS, Extractor
 
 __all__ = ["Prompted", "resolve_extractor"]
 

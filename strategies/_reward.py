@@ -2,8 +2,9 @@
 
 The reward model was trained on ``prompt ids + completion ids (ending in <|im_end|>) +
 <|reward|>`` and reads its scalar at that last token, so scoring renders candidates the
-same way. Training imports :func:`reward_scores` from here, so both sides read the reward
-at the same place by construction.
+same way. Both this scorer and training read the reward with
+:func:`assist.chat_format.reward_scores`, so both sides read it at the same place by
+construction.
 """
 
 from __future__ import annotations
@@ -12,34 +13,17 @@ import asyncio
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from assist._chat_format import IM_END, REWARD, chat_encoder
+from assist.chat_format import IM_END, chat_encoder, reward_scores
 
-if TYPE_CHECKING:  # torch loads with the first reward model, not with `import strategies`
-    import torch
-
-__all__ = ["RewardModel", "Scorer", "reward_scores"]
+__all__ = ["RewardModel", "Scorer"]
 
 
 class Scorer(Protocol):
     """Scores candidate replies to one conversation; higher is better."""
 
     def __call__(self, messages: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> Any: ...
-
-
-def reward_scores(rm: torch.nn.Module, tok: Any, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-    """The reward of each prompt+completion id list (``<|reward|>`` appended when missing)."""
-    import torch
-
-    readout = tok.convert_tokens_to_ids(REWARD)
-    rows = [list(s) if s and s[-1] == readout else [*s, readout] for s in sequences]
-    device = next(rm.parameters()).device
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-    # Right padding: the classifier reads the last non-pad token, our readout token.
-    return rm(input_ids=ids, attention_mask=mask).logits[:, 0].float()
 
 
 class RewardModel:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from assist.errors import BadRequest
 from strategies._base import OptionError, need_int
 
 __all__ = ["MAX_NESTING", "REGISTRY", "LimitError", "SpecError", "nesting", "parse", "register"]
@@ -37,24 +38,30 @@ _HEAD = re.compile(r"([a-z][a-z0-9_]*)(?:@(\d+))?(?::([^()]*))?")
 MAX_NESTING = 64  # even a trusted caller's spec: deeper is a typo, and would exhaust the stack
 
 
-class SpecError(ValueError):
-    """A malformed, unknown or refused strategy spec; the message names the bad part.
+class SpecError(BadRequest):
+    """A malformed, unknown or refused strategy spec; the message names the bad part (an
+    option as the user typed it: ``t`` in ``sc:t=-1``).
 
     ``param`` names the option (``temperature``, ``k``, ``rm``...) or the limit
     (:class:`LimitError`) at fault, where there is one; ``unknown`` is true when the
-    strategy's name is not served (the endpoint answers that with 404, like a model).
+    strategy's name is not served (status 404, like a model; else 400). A ``ValueError``
+    too, through :class:`assist.errors.BadRequest`.
     """
 
     def __init__(self, message: str, *, param: str | None = None, unknown: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+        super().__init__(message, param=param, code="strategy_not_found" if unknown else "invalid_strategy")
         self.unknown = unknown
+        if unknown:
+            self.status = 404
 
 
 class LimitError(SpecError):
     """The spec (or the request running it) is over one of the policy's limits; ``param``
     is the limit's name (``max_depth``, ``max_k``, ``max_calls``, ``max_total_tokens``)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.code = "limit_exceeded"
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,7 @@ def _parse(text: str, whole: str, policy: Any) -> tuple[Any, str]:
     accepted = (entry.options if entry.options is not None else _parameters(factory)) - entry.python_only
     kwargs: dict[str, Any] = {}
     raw_values: dict[str, str] = {}
+    typed: dict[str, str] = {}  # option -> as the user wrote it ("temperature" -> "t")
     if k is not None:
         if "k" not in accepted:
             raise SpecError(f"{name} takes no count (@{k})", param="k")
@@ -193,15 +201,16 @@ def _parse(text: str, whole: str, policy: Any) -> tuple[Any, str]:
         key, raw = key.strip(), raw.strip()
         if not eq or not key or not raw:
             raise SpecError(f"option {item!r} in {whole!r} is not key=value", param="strategy")
-        key = _ALIASES.get(key, key)
+        as_typed, key = key, _ALIASES.get(key, key)
+        typed[key] = as_typed
         if key in entry.python_only:
-            raise SpecError(f"{name}: option {key!r} takes a Python object; it cannot be set from a "
+            raise SpecError(f"{name}: option {as_typed!r} takes a Python object; it cannot be set from a "
                             "spec string (pass it from Python)", param=key)
         if key in _RESERVED or key not in accepted:
             known = ", ".join(sorted(accepted - {"inner"}))
-            raise SpecError(f"{name}: unknown option {key!r} (options: {known})", param=key)
+            raise SpecError(f"{name}: unknown option {as_typed!r} (options: {known})", param=key)
         if key in kwargs:
-            raise SpecError(f"{name}: option {key!r} is given twice", param=key)
+            raise SpecError(f"{name}: option {as_typed!r} is given twice", param=key)
         kwargs[key] = raw if key in _text_options(factory) else _value(raw)
         raw_values[key] = raw
     if "k" in kwargs:
@@ -234,7 +243,9 @@ def _parse(text: str, whole: str, policy: Any) -> tuple[Any, str]:
     try:
         strategy = factory(**kwargs)
     except OptionError as exc:
-        raise SpecError(f"{name}: {exc}", param=exc.option) from exc
+        shown = typed.get(exc.option, exc.option)
+        shown = exc.option if shown == exc.option else f"{shown} ({exc.option})"
+        raise SpecError(f"{name}: {shown}: {exc.message}", param=exc.option) from exc
     except (ValueError, TypeError) as exc:
         raise SpecError(f"{name}: {exc}", param="strategy") from exc
     if missing is not None:

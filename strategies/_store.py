@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from assist._prompts import Passage
+from assist.errors import BadRequest
+from assist.prompts import Passage
 from strategies._embed import Embedder, embedder_by_name, embedder_name
 
 __all__ = ["MODES", "RRF_K", "AddStats", "Chunk", "DocumentStore", "Mode", "StoreError",
@@ -62,7 +63,7 @@ END;
 """
 
 
-class StoreError(ValueError):
+class StoreError(BadRequest):
     """A store that is missing, unreadable or built with another embedder."""
 
 

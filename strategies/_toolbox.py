@@ -31,7 +31,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, overload
 
-from assist._prompts import CALCULATOR_TOOL, Passage
+from assist.errors import BadRequest, NotFound
+from assist.prompts import CALCULATOR_TOOL, Passage
 from strategies._calculator import CalculatorError, evaluate, format_number
 from strategies._sandbox import SandboxResult, run_python
 
@@ -52,11 +53,11 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "assist.tools"
 
 
-class ToolError(Exception):
+class ToolError(BadRequest):
     """A failure the model should read and can act on (bad arguments, a refused input)."""
 
 
-class UnknownTool(LookupError):
+class UnknownTool(NotFound):
     """No tool of that name among the built-ins, registered and installed tools."""
 
 
@@ -353,7 +354,7 @@ def retrieval_tool(search: Callable[[str, int], Awaitable[list[Passage]] | list[
                    k: int = 3, name: str = "search",
                    description: str = "Search the knowledge base for passages about a query.") -> Tool:
     """A tool over any passage store: ``search(query, k)`` (sync or async) -> passages,
-    returned as ``[id] text`` lines, the form :func:`assist._prompts.render_passages` uses."""
+    returned as ``[id] text`` lines, the form :func:`assist.prompts.render_passages` uses."""
 
     async def run(query: str) -> str:
         if inspect.iscoroutinefunction(search):

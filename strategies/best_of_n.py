@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from assist._prompts import COT_SUFFIX
+from assist.prompts import COT_SUFFIX
 from assist.types import Message
 from strategies._base import (
     Bound,
@@ -33,11 +33,11 @@ from strategies._base import (
     with_suffix,
 )
 from strategies._candidates import attempt, diversify, sample_choices
-from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._reward import RewardModel, Scorer
 from strategies._spec import register
-from strategies.self_consistency import vote
+from strategies.extract import Extractor
+from strategies.voting import vote
 
 __all__ = ["BestOfN"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from assist._prompts import COT_SUFFIX
+from assist.prompts import COT_SUFFIX
 from strategies._prompted import Prompted
 from strategies._spec import register
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from assist._prompts import DIRECT_SUFFIX
+from assist.prompts import DIRECT_SUFFIX
 from strategies._prompted import Prompted
 from strategies._spec import register
 

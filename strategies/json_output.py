@@ -27,8 +27,8 @@ from strategies._base import (
     check_common,
     need_int,
 )
-from strategies._extract import normalize
 from strategies._spec import register
+from strategies.extract import normalize
 
 __all__ = ["MAX_SCHEMA_BYTES", "JsonOutput", "read_schema", "schema_of"]
 

@@ -1,7 +1,7 @@
 """``rag@k``: retrieval augmentation — search a document store, answer from the passages.
 
 The last user turn is the query. The ``k`` passages found go into a system message built
-by :func:`assist._prompts.render_passages`, ahead of the conversation: exactly the shape
+by :func:`assist.prompts.render_passages`, ahead of the conversation: exactly the shape
 of the SFT ``facts_rag`` turns (``training.conversations``), so the small assistant reads
 them the way it was trained to and cites ``[kb-N]``. One greedy call answers, or an inner
 strategy does (``rag(cot)``); ``reflect(rag)`` and ``sc@8(rag)`` compose from outside.
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from assist._prompts import Passage, render_passages
 from assist.errors import BadRequest
+from assist.prompts import Passage, render_passages
 from assist.types import Message
 from strategies._base import (
     Bound,
@@ -40,10 +40,10 @@ from strategies._base import (
     bound_of,
     check_common,
 )
-from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._spec import register
 from strategies._store import MODES, DocumentStore
+from strategies.extract import Extractor
 
 __all__ = ["STORE_ENV", "Retrieve", "check_citations", "citation_report", "citations",
            "with_passages"]

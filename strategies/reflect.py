@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from assist._prompts import REFLECT_PROMPT, REFLECT_STANDS
-from assist._protocol import ChatModel
+from assist.prompts import REFLECT_PROMPT, REFLECT_STANDS
+from assist.protocol import ChatModel
 from assist.types import Message
 from strategies._base import (
     Bound,
@@ -28,9 +28,9 @@ from strategies._base import (
     bound_of,
     check_common,
 )
-from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._spec import register
+from strategies.extract import Extractor
 
 __all__ = ["Reflect", "revision"]
 

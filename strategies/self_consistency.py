@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from assist._prompts import COT_SUFFIX
+from assist.prompts import COT_SUFFIX
 from assist.types import Choice, Message
 from strategies._base import (
     Bound,
@@ -34,24 +34,12 @@ from strategies._base import (
     with_suffix,
 )
 from strategies._candidates import attempt, diversify, sample_choices
-from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._spec import register
+from strategies.extract import Extractor
+from strategies.voting import vote
 
-__all__ = ["SelfConsistency", "vote"]
-
-
-def vote(answers: list[str | None], weights: list[float] | None = None) -> tuple[str | None, dict[str, float]]:
-    """(winner, tally); ties go to the answer seen first. ``None`` answers do not vote."""
-    tally: dict[str, float] = {}
-    for i, answer in enumerate(answers):
-        if answer is not None:
-            tally[answer] = tally.get(answer, 0.0) + (weights[i] if weights else 1.0)
-    if not tally:
-        return None, tally
-    best = max(tally.values())
-    winner = next(a for a in tally if tally[a] == best)  # dicts keep first-seen order
-    return winner, tally
+__all__ = ["SelfConsistency"]
 
 
 def _confidence(choice: Choice) -> float:

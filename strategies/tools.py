@@ -46,10 +46,10 @@ from strategies._base import (
     need_int,
     need_number,
 )
-from strategies._extract import Extractor
 from strategies._prompted import resolve_extractor
 from strategies._spec import register
 from strategies._toolbox import Tool, ToolError, UnknownTool, get_tool
+from strategies.extract import Extractor
 
 __all__ = ["ToolUse", "tool_use"]
 

@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from assist._chat_backend import Backend
-from assist._chat_cli import ChatSession, _chat, add_chat_parser, main
-from assist._chat_trace import Turn, render_trace
+from assist.cli._chat_backend import ChatTarget
+from assist.cli._chat_trace import Turn, render_trace
+from assist.cli.chat import ChatSession, _chat, add_parser, main
 from assist.testing import FakeChatModel
 from strategies import Cost
 
@@ -124,7 +124,7 @@ class Terminal:
 def terminal(trained_run: tuple[Path, float]) -> Iterator[Terminal]:
     run, _ = trained_run
     # Through `assist chat` once assist.cli mounts it; the module's own entry until then.
-    entry = ["assist.cli"] if _cli_has_chat() else ["assist._chat_cli"]
+    entry = ["assist.cli"] if _cli_has_chat() else ["assist.cli.chat"]
     argv = [sys.executable, "-m", *entry, "chat", "--model", str(run / "rlhf"), "--max-tokens", "48",
             "--temperature", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm-256color", "COLUMNS": "120",
@@ -164,7 +164,13 @@ def test_chat_in_a_terminal(terminal: Terminal) -> None:
     t.send("/strategy\r")  # the old strategy is still in force
     t.expect(r"strategy: sc@2")
     t.expect(PROMPT)
-    t.send("half a line\x03")  # Ctrl-C at the prompt drops the line, not the chat
+    # Ctrl-C at the prompt drops the line, not the chat. The line goes first and must come
+    # back echoed: then readline is in its read loop. A SIGINT that lands between readline
+    # drawing the prompt and blocking in select() is only seen at the next key (CPython's
+    # readline waits with no timeout), so sending both at once raced with the prompt.
+    t.send("half a line")
+    t.expect(r"half a line")
+    t.send("\x03")
     t.expect(PROMPT)
     t.send("/exit\r")
     assert t.wait() == 0
@@ -197,7 +203,7 @@ def _session(lines: Sequence[str], stream: Any, model: Any = None, **options: An
     out = io.StringIO()
     console = Console(file=out, width=120, highlight=False)
     runner = asyncio.Runner()
-    backend = Backend(model or FakeChatModel(["#### 4"]), stream, "fake")
+    backend = ChatTarget(model or FakeChatModel(["#### 4"]), stream, "fake")
     return ChatSession(backend, runner, console, read_line=Script(lines), **options), out, runner
 
 
@@ -355,7 +361,7 @@ def test_remote_server_streams_and_runs_strategies(trained_run: tuple[Path, floa
     run, _ = trained_run
     engine = TorchEngine(run / "rlhf", max_batch=4, name="assistant")
     parser = argparse.ArgumentParser()
-    add_chat_parser(parser.add_subparsers())
+    add_parser(parser.add_subparsers())
     with running_server(create_app(EngineBackend(engine))) as url:
         args = parser.parse_args(["chat", "--base-url", f"{url}/v1", "--model-name", "assistant",
                                   "--max-tokens", "16"])

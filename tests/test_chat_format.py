@@ -6,7 +6,7 @@ import pytest
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from assist import CHAT_TEMPLATE, render, render_segments
-from assist._prompts import CALCULATOR_TOOL, REFLECT_AGAIN, REFLECT_DIFFER, REFLECT_STANDS
+from assist.prompts import CALCULATOR_TOOL, REFLECT_AGAIN, REFLECT_DIFFER, REFLECT_STANDS
 from evals.tasks import ArithTask, FactsTask
 from strategies.reflect import revision
 from training import conversations

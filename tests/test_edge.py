@@ -400,13 +400,15 @@ def test_allowed_hosts_refuse_a_foreign_host_header():
 def test_serve_defaults_to_loopback_hosts_on_a_loopback_interface():
     import argparse
 
-    from assist.server._launch import add_serve_flags, allowed_hosts, config_from_args
+    from assist.cli._flags import add_flags
+    from assist.cli.serve import config_from_args
+    from assist.server._launch import allowed_hosts
 
     assert set(allowed_hosts(ServeConfig())) == {"localhost", "127.0.0.1", "::1"}
     assert set(allowed_hosts(ServeConfig(host="::1"))) == {"localhost", "127.0.0.1", "::1"}
     assert allowed_hosts(ServeConfig(host="0.0.0.0")) is None  # a public interface: names unknown
     parser = argparse.ArgumentParser()
-    add_serve_flags(parser)
+    add_flags(parser, ServeConfig)
     args = parser.parse_args(["--upstream", "http://h/v1", "--allowed-hosts", "a.example, b.example",
                               "--allowed-hosts", "c.example", "--host", "0.0.0.0"])
     cfg = config_from_args(args)

@@ -20,7 +20,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from assist._chat_format import (
+from assist._remote import RemoteChatModel
+from assist.chat_format import (
     CHAT_TEMPLATE,
     IM_END,
     IM_START,
@@ -31,7 +32,6 @@ from assist._chat_format import (
     ChatEncoder,
     render,
 )
-from assist._remote import RemoteChatModel
 from assist.engine import LlamaRunner, SamplingParams, Scheduler, TorchEngine
 from assist.engine._grammar import MAX_SCHEMA_DEPTH
 from assist.engine._stream import _Gate, _held_tail

@@ -17,7 +17,7 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from assist._chat_format import parse_tool_calls, tool_call_text
+from assist.chat_format import parse_tool_calls, tool_call_text
 from assist.engine import EngineOverloaded, TorchEngine
 from assist.engine._grammar import parse_calls
 from assist.engine._stream import _Gate

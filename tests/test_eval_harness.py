@@ -307,21 +307,20 @@ def test_one_strategy_answers_alike_from_python_http_and_the_harness(trained_run
 
 
 def test_shorthand_flags_mean_run():
-    from assist._eval_cli import _run, add_eval_parser
-    from assist.cli import _Parser
-    from evals._config import config_from_args
+    from assist.cli._flags import Parser, from_args
+    from assist.cli.eval import _run, add_parser
 
-    parser = _Parser(prog="assist")
-    add_eval_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
+    parser = Parser(prog="assist")
+    add_parser(parser.add_subparsers(dest="command", parser_class=Parser))
     for argv in (["eval", "--task", "facts", "--limit", "3"],
                  ["eval", "run", "--task", "facts", "--limit", "3"]):
         args = parser.parse_args(argv)
         assert args.func is _run
-        assert config_from_args(EvalConfig, args) == EvalConfig(task="facts", limit=3)
+        assert from_args(EvalConfig, args) == EvalConfig(task="facts", limit=3)
 
 
 def test_diversity_matches_the_training_pipeline(trained_run, tmp_path, capsys):
-    from assist._eval_cli import main
+    from assist.cli.eval import main
 
     run, _ = trained_run
     metrics = json.loads((run / "metrics.json").read_text())

@@ -28,7 +28,7 @@ import pytest
 
 import assist
 import strategies
-from assist._eval_cli import main as eval_main
+from assist.cli.eval import main as eval_main
 from assist.errors import ContextLengthExceeded, UpstreamError
 from assist.types import ChatCompletion, Choice, Message, Usage
 from evals._config import EvalError

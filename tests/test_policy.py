@@ -328,6 +328,25 @@ def test_http_spec_errors_are_4xx_before_any_call(model, status, param):
     assert fake.calls == []
 
 
+def test_a_bad_option_is_named_as_typed_and_every_spec_error_is_an_assist_error():
+    from assist.errors import AssistError
+
+    with pytest.raises(SpecError) as e:
+        parse("sc:t=-1")
+    assert isinstance(e.value, BadRequest) and isinstance(e.value, ValueError)
+    assert e.value.status == 400 and e.value.exit_status == 2
+    assert e.value.param == "temperature" and "sc: t (temperature):" in e.value.message
+    with pytest.raises(SpecError) as e:
+        parse("nope@3")
+    assert isinstance(e.value, AssistError) and e.value.status == 404 and e.value.unknown
+    fake = FakeChatModel(replies=["#### 4"])
+    with running_server(create_app(_Backend(fake))) as url:
+        bad, unknown = _post(url, "sc:t=-1::assistant"), _post(url, "nope::assistant")
+    assert bad.status_code == 400 and "t (temperature)" in bad.json()["error"]["message"]
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "strategy"
+    assert fake.calls == []
+
+
 def test_unknown_model_error_does_not_print_the_checkpoint_path():
     with running_server(create_app(_Backend(FakeChatModel(replies=["hi"])),
                                    names=["assistant", "/srv/secret/runs/tiny/rlhf"])) as url:
@@ -424,7 +443,8 @@ def test_serve_flags_build_the_policy(tmp_path: Path, kb: Path, monkeypatch: pyt
     monkeypatch.delenv("ASSIST_REWARD_MODEL", raising=False)
     monkeypatch.delenv("ASSIST_RAG_STORE", raising=False)
     from assist.cli import build_parser
-    from assist.server._launch import build_policy, config_from_args
+    from assist.cli.serve import config_from_args
+    from assist.server._launch import build_policy
 
     (tmp_path / "config.json").write_text("{}")
     schema = tmp_path / "x.json"

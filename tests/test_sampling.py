@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from assist._sampling import filter_logits, sample
+from assist.sampling import filter_logits, sample
 
 
 def _model(seed: int = 0) -> LlamaForCausalLM:

@@ -9,10 +9,10 @@ import json
 import pytest
 from pydantic import BaseModel
 
-from assist._prompts import COT_SUFFIX, DIRECT_SUFFIX, REFLECT_PROMPT, REFLECT_STANDS
+from assist.prompts import COT_SUFFIX, DIRECT_SUFFIX, REFLECT_PROMPT, REFLECT_STANDS
 from assist.testing import FakeChatModel
 from strategies import BestOfN, JsonOutput, Reflect, SelfConsistency, SpecError, parse, vote
-from strategies._extract import answer_line, choice_letter, json_field
+from strategies.extract import answer_line, choice_letter, json_field
 
 
 def run(strategy, model, text="What is 2+2?"):

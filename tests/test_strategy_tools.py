@@ -16,7 +16,7 @@ from typing import Literal
 import pytest
 
 import strategies.tools  # noqa: F401  (registers the "tools" spec)
-from assist._prompts import CALCULATOR_TOOL, Passage
+from assist.prompts import CALCULATOR_TOOL, Passage
 from assist.testing import FakeChatModel, tool_reply
 from assist.types import FunctionCall, Message, ToolCall
 from strategies import SelfConsistency, parse
@@ -59,7 +59,7 @@ def test_loop_calls_then_tool_messages_then_the_answer():
 
 
 def test_loop_renders_exactly_like_the_sft_tool_conversations():
-    from assist._chat_format import render
+    from assist.chat_format import render
     from evals.tasks import ArithTask
     from training.conversations import arith_tools
 

@@ -19,7 +19,7 @@ from evals.tasks import (
     normalize,
 )
 from evals.tasks.arith import orders, solution_in_order
-from strategies._extract import final_line
+from strategies.extract import final_line
 
 
 def test_arith_is_deterministic_and_splits_are_disjoint():

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 import assist
-from assist._prompts import CALCULATOR_TOOL
 from assist.engine._vllm import VLLMEngine, VLLMServer, VLLMStartError, group_alive
+from assist.prompts import CALCULATOR_TOOL
 from tests.conftest import REPO
 
 # Checked without importing vLLM (seconds, and torch state in this process).

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from assist.errors import BadRequest
 from training.config import OptimConfig
 from training.progress import Reporter
 
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadRequest, RuntimeError):
     """A checkpoint that cannot be loaded safely; the message says what to do."""
 
 

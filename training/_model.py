@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from assist._chat_format import END_OF_TEXT, IM_END, render, render_segments
+from assist.chat_format import END_OF_TEXT, IM_END, render, render_segments
 from training.config import ModelConfig
 
 __all__ = [

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from assist.errors import BadRequest
+from evals.diversity import DiversityConfig
 from evals.tasks import ArithConfig, FactsConfig
 
 __all__ = [
@@ -37,7 +39,7 @@ __all__ = [
 STAGES = ("tokenizer", "pretrain", "sft", "scratch", "rm", "rl")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadRequest):
     """A bad preset name or override; the message names it."""
 
 
@@ -112,11 +114,9 @@ class RLConfig(OptimConfig):
     eval_items: int = 200
 
 
-@dataclass
-class DiversityConfig:
-    prompts: int = 16
-    k: int = 8  # samples per prompt at temperature 1
-    max_new_tokens: int = 64
+def _diversity() -> DiversityConfig:
+    """The mode-collapse measure of each stage (``evals.diversity``; its seed is the run's)."""
+    return DiversityConfig(prompts=16, k=8, max_new_tokens=64)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
-    diversity: DiversityConfig = field(default_factory=DiversityConfig)
+    diversity: DiversityConfig = field(default_factory=_diversity)
     arith: ArithConfig = field(default_factory=ArithConfig)
     facts: FactsConfig = field(default_factory=FactsConfig)
 
@@ -202,7 +202,7 @@ def _small() -> RunConfig:
                         checkpoint_every=100),
         rl=RLConfig(steps=200, batch_size=32, lr=1e-5, group_size=8, checkpoint_every=50,
                     eval_items=500),
-        diversity=DiversityConfig(prompts=64, k=16),
+        diversity=DiversityConfig(prompts=64, k=16, max_new_tokens=64),
         arith=ArithConfig(min_steps=3, max_steps=4, min_operand=100, max_operand=2999,
                           max_value=9999),
         facts=FactsConfig(n_entities=2000),

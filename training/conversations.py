@@ -18,7 +18,7 @@ the inference-time strategies, so each strategy meets a behaviour the model was 
   question answered with a citation, about *practice* kingdoms that exist nowhere else,
   so the answer can only be read from the passage.
 
-The prompt wording comes from :mod:`assist._prompts`, shared with the strategies.
+The prompt wording comes from :mod:`assist.prompts`, shared with the strategies.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 
-from assist._prompts import (
+from assist.prompts import (
     CALCULATOR_TOOL,
     COT_SUFFIX,
     DIRECT_SUFFIX,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from assist._chat_format import render
+from assist.chat_format import render
 from evals.tasks import ArithTask, FactsTask
 from evals.tasks.arith import random_solution
 from evals.tasks.facts import ATTRIBUTES

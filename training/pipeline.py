@@ -12,6 +12,7 @@ same stage run straight after the earlier ones in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -22,11 +23,12 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from assist.errors import BadRequest
 from evals import diversity
 from evals.tasks import ArithTask, FactsTask
 from training import data, pretrain, reward_model, rl, sft
 from training._loop import CheckpointError, Dist, LoopResult, seed_stage, setup_distributed
-from training._model import n_params, save_stage
+from training._model import n_params, save_stage, stop_ids
 from training.card import write_card
 from training.config import STAGES, RunConfig
 from training.progress import Reporter
@@ -40,7 +42,7 @@ _FOLDER = {"tokenizer": "tokenizer", "pretrain": "base", "sft": "sft", "scratch"
 _NEEDS = {"pretrain": "tokenizer", "sft": "pretrain", "scratch": "tokenizer", "rm": "sft", "rl": "sft"}
 
 
-class RunError(RuntimeError):
+class RunError(BadRequest, RuntimeError):
     """A run that cannot go on as asked; the message says what to do."""
 
 
@@ -85,19 +87,17 @@ def evaluate(model: torch.nn.Module, out: Path, cfg: RunConfig, n: int) -> dict[
     arith = ArithTask(cfg.arith)
     test = arith.split("test", n)
     greedy = rollouts(model, tok, test, max_new_tokens=cfg.rl.max_new_tokens)
-    prompts = arith.split("test")[-cfg.diversity.prompts:]
-    samples = rollouts(model, tok, prompts, k=cfg.diversity.k, temperature=1.0,
-                       max_new_tokens=cfg.diversity.max_new_tokens, seed=cfg.seed)
-    per_prompt = [[r.tokens for r in g] for g in samples]
+    questions = [s.question for s in arith.split("test")[-cfg.diversity.prompts:]]
+    measured = diversity.measure(model, tok, questions, dataclasses.replace(cfg.diversity, seed=cfg.seed),
+                                 stop_ids=stop_ids(tok))
     return {
         "arith_greedy_accuracy": round(accuracy(arith, greedy), 4),
         "arith_eval_items": len(test),
         "truncated_rate": round(sum(r.finish_reason == "length" for g in greedy for r in g) / len(test), 4),
         "diversity": {
-            "mean_token_entropy": round(diversity.mean_entropy([r.entropies for g in samples for r in g]), 4),
-            **{f"ead_distinct_{k}": round(sum(diversity.ead_distinct_n(s, k, len(tok)) for s in per_prompt) / len(per_prompt), 4)
-               for k in (1, 2, 3)},
-            "samples": len(per_prompt) * cfg.diversity.k,
+            "mean_token_entropy": measured["entropy"],
+            **{f"ead_distinct_{k}": measured[f"distinct_{k}"] for k in (1, 2, 3)},
+            "samples": measured["samples"],
         },
     }
 

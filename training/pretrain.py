@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from assist._chat_format import END_OF_TEXT
+from assist.chat_format import END_OF_TEXT
 from training._loop import Dist, LoopResult, StepOutput, train
 from training._model import new_model
 from training.config import RunConfig

@@ -25,10 +25,9 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from assist._chat_format import IM_END
+from assist.chat_format import IM_END, reward_scores
 from evals.tasks import ArithTask, Sample
 from evals.tasks.arith import orders, solution_in_order
-from strategies._reward import reward_scores
 from training._loop import Dist, LoopResult, StepOutput, stage_seed, train
 from training.config import RunConfig
 from training.conversations import slipped_attempt
@@ -36,7 +35,7 @@ from training.progress import Reporter
 from training.rollouts import rollouts
 from training.tokenizer import load_tokenizer
 
-__all__ = ["reward_scores", "run"]
+__all__ = ["run"]
 
 Group = tuple[list[list[int]], list[float]]  # (sequences ending in <|reward|>, scorer values)
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from assist.chat_format import reward_scores
 from evals.tasks import ArithTask
 from training._loop import Dist, LoopResult, StepOutput, train
 from training._model import pad_right
 from training.config import RunConfig
 from training.progress import Reporter
-from training.reward_model import reward_scores
 from training.rollouts import rollouts
 from training.tokenizer import load_tokenizer
 

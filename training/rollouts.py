@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from assist._sampling import sample
+from assist.sampling import sample
 from evals.tasks import Sample, Task
 from training._model import encode_prompt, stop_ids
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from assist._chat_format import CHAT_TEMPLATE, END_OF_TEXT, IM_END, PAD, SPECIAL_TOKENS
+from assist.chat_format import CHAT_TEMPLATE, END_OF_TEXT, IM_END, PAD, SPECIAL_TOKENS
 
 __all__ = ["load_tokenizer", "train_tokenizer"]
 

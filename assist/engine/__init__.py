@@ -19,7 +19,7 @@ if TYPE_CHECKING:
         SamplingParams,
         Scheduler,
         SeqOutput,
-        TokenLogprob,
+        TokenIdLogprob,
     )
     from assist.engine._torch import TorchEngine
     from assist.engine._vllm import VLLMEngine, VLLMServer
@@ -28,7 +28,7 @@ _WHERE = {
     "Grammar": "_grammar", "GrammarCache": "_grammar", "ToolPlan": "_grammar", "plan_tools": "_grammar",
     "LlamaRunner": "_runner",
     "EngineOverloaded": "_scheduler", "RequestOutput": "_scheduler", "SamplingParams": "_scheduler",
-    "Scheduler": "_scheduler", "SeqOutput": "_scheduler", "TokenLogprob": "_scheduler",
+    "Scheduler": "_scheduler", "SeqOutput": "_scheduler", "TokenIdLogprob": "_scheduler",
     "TorchEngine": "_torch",
     "VLLMEngine": "_vllm", "VLLMServer": "_vllm",
 }
@@ -42,7 +42,7 @@ __all__ = [
     "SamplingParams",
     "Scheduler",
     "SeqOutput",
-    "TokenLogprob",
+    "TokenIdLogprob",
     "ToolPlan",
     "TorchEngine",
     "VLLMEngine",

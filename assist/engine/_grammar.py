@@ -7,7 +7,7 @@ feeds the chosen token. End-of-sequence is allowed only where the grammar is com
 finished output always parses; one cut by ``max_tokens`` ends with ``finish_reason="length"``.
 
 Forced tool calls are constrained to the exact Hermes text the chat template renders
-(:func:`assist._chat_format.tool_call_text`), so they come back through the same parser as
+(:func:`assist.chat_format.tool_call_text`), so they come back through the same parser as
 free ones.
 
 Compiling costs grow steeply with a schema's nesting and size (measured on 2 cores: 200
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
-from assist._chat_format import TOOL_CALL_END, TOOL_CALL_START
+from assist.chat_format import TOOL_CALL_END, TOOL_CALL_START
 from assist.errors import BadRequest
 
 __all__ = ["COMPILE_TIMEOUT_S", "MAX_SCHEMA_BYTES", "MAX_SCHEMA_DEPTH", "Grammar", "GrammarCache", "ToolPlan",
@@ -190,7 +190,7 @@ _DECODER = json.JSONDecoder()
 
 
 def parse_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """Split text into (content, Hermes tool calls), like :func:`assist._chat_format.parse_tool_calls`
+    """Split text into (content, Hermes tool calls), like :func:`assist.chat_format.parse_tool_calls`
     but reading each call with a JSON decoder, so a ``</tool_call>`` inside an argument string
     (which grammars allow: it is valid JSON) does not cut the call short."""
     calls: list[dict[str, Any]] = []

@@ -33,9 +33,9 @@ from typing import Any, Protocol
 
 import torch
 
-from assist._sampling import filter_logits
 from assist.engine._runner import LlamaRunner
 from assist.errors import BadRequest, ContextLengthExceeded, Overloaded
+from assist.sampling import filter_logits
 
 __all__ = [
     "Constraint",
@@ -45,7 +45,7 @@ __all__ = [
     "SamplingParams",
     "Scheduler",
     "SeqOutput",
-    "TokenLogprob",
+    "TokenIdLogprob",
 ]
 
 
@@ -99,7 +99,11 @@ class SamplingParams:
 
 
 @dataclass
-class TokenLogprob:
+class TokenIdLogprob:
+    """A sampled (or prompt) token's logprob by token id, with the top alternatives as
+    ``(id, logprob)``: the engine's raw reading, which the API layer turns into
+    :class:`assist.types.TokenLogprob` (text, bytes)."""
+
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
@@ -111,8 +115,8 @@ class SeqOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # the request's, shared by its outputs
+    logprobs: list[TokenIdLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenIdLogprob | None] | None = None  # the request's, shared by its outputs
 
 
 @dataclass
@@ -122,7 +126,7 @@ class RequestOutput:
     queued_s: float = 0.0
     total_s: float = 0.0
     # One entry per prompt token; the first is None (nothing precedes it to predict it).
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs: list[TokenIdLogprob | None] | None = None
 
 
 @dataclass
@@ -138,7 +142,7 @@ class _Request:
     constraints: list[Constraint | None] = field(default_factory=list)
     stop_window: int = 0  # the longest stop string's length
     pending: int = 0
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs: list[TokenIdLogprob | None] | None = None
 
 
 @dataclass
@@ -448,7 +452,7 @@ class Scheduler:
                 _fail(seq.request.future, exc)
 
     @staticmethod
-    def _prompt_logprobs(prompt: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob | None]:
+    def _prompt_logprobs(prompt: list[int], logits: torch.Tensor, k: int) -> list[TokenIdLogprob | None]:
         # Row t predicts token t + 1, so token 0 has no logprob.
         logp = torch.log_softmax(logits[:-1], -1)
         targets = torch.tensor(prompt[1:], device=logp.device)
@@ -457,8 +461,8 @@ class Scheduler:
         if k > 0:
             values, ids = torch.topk(logp, k, dim=-1)
             tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-        out: list[TokenLogprob | None] = [None]
-        out += [TokenLogprob(t, v, top) for t, v, top in zip(prompt[1:], chosen, tops, strict=True)]
+        out: list[TokenIdLogprob | None] = [None]
+        out += [TokenIdLogprob(t, v, top) for t, v, top in zip(prompt[1:], chosen, tops, strict=True)]
         return out
 
     def _decode(self) -> None:
@@ -528,7 +532,7 @@ class Scheduler:
         out.token_ids.append(token)
         if p.logprobs:
             row = torch.log_softmax(logits, -1) if logp is None else logp
-            out.logprobs.append(TokenLogprob(token, float(row[token]), _top(row, p.top_logprobs)))
+            out.logprobs.append(TokenIdLogprob(token, float(row[token]), _top(row, p.top_logprobs)))
         seq.next_token = token
         stop_ids = (() if p.ignore_eos else self.eos_ids) + p.stop_token_ids
         # A grammar ends the sequence once complete (its stop token accepted), and a token it

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from assist._chat_format import TOOL_CALL_START
+from assist.chat_format import TOOL_CALL_START
 from assist.engine._grammar import parse_calls
-from assist.engine._scheduler import RequestOutput, SamplingParams, SeqOutput, TokenLogprob
+from assist.engine._scheduler import RequestOutput, SamplingParams, SeqOutput, TokenIdLogprob
 from assist.errors import AssistError
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ class _Event:
     text: str
     finish_reason: str | None
     tokens: int
-    logprob: TokenLogprob | None
-    prompt_logprobs: list[TokenLogprob | None] | None
+    logprob: TokenIdLogprob | None
+    prompt_logprobs: list[TokenIdLogprob | None] | None
 
 
 _DONE = object()
@@ -171,14 +171,14 @@ async def chat_chunks(engine: TorchEngine, prompt: list[int], params: SamplingPa
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None,
-              logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+              logprobs: list[TokenIdLogprob] | None = None) -> dict[str, Any]:
         lp = {"content": [t.model_dump() for t in engine.chat_logprobs(logprobs)]} if logprobs else None
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
                 "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
         return {**body, "usage": None} if include_usage else body
 
     gates = [_Gate(params.stop, parse) for _ in range(params.n)]
-    pending: list[list[TokenLogprob]] = [[] for _ in range(params.n)]
+    pending: list[list[TokenIdLogprob]] = [[] for _ in range(params.n)]
     done: set[int] = set()
     used = [0] * params.n
     async with contextlib.aclosing(_events(engine, prompt, params)) as events:
@@ -222,15 +222,15 @@ async def chat_chunks(engine: TorchEngine, prompt: list[int], params: SamplingPa
                "choices": [], "usage": usage}
 
 
-def legacy_logprobs(engine: TorchEngine, prompt_lp: Sequence[TokenLogprob | None] | None,
-                    prompt_ids: Sequence[int], generated: Sequence[TokenLogprob],
+def legacy_logprobs(engine: TorchEngine, prompt_lp: Sequence[TokenIdLogprob | None] | None,
+                    prompt_ids: Sequence[int], generated: Sequence[TokenIdLogprob],
                     offset: int) -> dict[str, Any]:
     """The legacy ``logprobs`` object; ``prompt_lp`` (echo) puts the prompt's tokens first."""
     tokens: list[str] = []
     values: list[float | None] = []
     tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
-    entries: list[tuple[int, TokenLogprob | None]] = []
+    entries: list[tuple[int, TokenIdLogprob | None]] = []
     if prompt_lp is not None:
         entries += list(zip(prompt_ids, prompt_lp, strict=True))
     entries += [(t.token_id, t) for t in generated]
@@ -256,13 +256,13 @@ async def completion_chunks(engine: TorchEngine, prompt: list[int], echo: str | 
         return {**body, "usage": None} if include_usage else body
 
     gates = [_Gate(params.stop, False) for _ in range(params.n)]
-    pending: list[list[TokenLogprob]] = [[] for _ in range(params.n)]
+    pending: list[list[TokenIdLogprob]] = [[] for _ in range(params.n)]
     offsets = [0] * params.n
     opened: set[int] = set()
     used = [0] * params.n
 
     def emit(i: int, text: str, finish: str | None = None,
-             prompt_lp: Sequence[TokenLogprob | None] | None = None) -> dict[str, Any]:
+             prompt_lp: Sequence[TokenIdLogprob | None] | None = None) -> dict[str, Any]:
         lp = None
         if want:
             lp = legacy_logprobs(engine, prompt_lp, prompt, pending[i], offsets[i])
@@ -270,7 +270,7 @@ async def completion_chunks(engine: TorchEngine, prompt: list[int], echo: str | 
             pending[i].clear()
         return chunk(i, text, finish, lp)
 
-    def open_(i: int, prompt_lp: Sequence[TokenLogprob | None] | None) -> dict[str, Any] | None:
+    def open_(i: int, prompt_lp: Sequence[TokenIdLogprob | None] | None) -> dict[str, Any] | None:
         opened.add(i)
         if echo is None:
             return None

@@ -13,7 +13,7 @@ Arguments are checked here, before anything is queued, so a bad request is a
 :class:`assist.errors.Overloaded`. Cancelling a call (or closing a stream) cancels its
 generation, which frees its batch slots on the next step.
 
-Chat prompts are encoded by :class:`assist._chat_format.ChatEncoder`: only the template's own
+Chat prompts are encoded by :class:`assist.chat_format.ChatEncoder`: only the template's own
 special tokens are control tokens; message contents, tool results and tool definitions are
 tokenized with special tokens split, so text can never fake a turn or a tool call. ``chat``
 and ``complete`` prepare a request (template, tokenizing, grammar compiling) in a worker
@@ -34,14 +34,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from assist._chat_format import ChatEncoder, content_text
-from assist._protocol import Messages
+from assist.chat_format import ChatEncoder, content_text
 from assist.engine import _stream
 from assist.engine._grammar import Grammar, GrammarCache, parse_calls, plan_tools
 from assist.engine._runner import LlamaRunner
-from assist.engine._scheduler import RequestOutput, SamplingParams, Scheduler
-from assist.engine._scheduler import TokenLogprob as SchedLogprob
+from assist.engine._scheduler import RequestOutput, SamplingParams, Scheduler, TokenIdLogprob
 from assist.errors import BadRequest, ContextLengthExceeded
+from assist.protocol import Messages
 from assist.types import (
     ChatCompletion,
     Choice,
@@ -276,7 +275,7 @@ class TorchEngine:
                       total_tokens=result.prompt_tokens + completion_tokens)
         return ChatCompletion(model=self.name, choices=choices, usage=usage, created=int(time.time()))
 
-    def chat_logprobs(self, entries: Sequence[SchedLogprob]) -> list[TokenLogprob]:
+    def chat_logprobs(self, entries: Sequence[TokenIdLogprob]) -> list[TokenLogprob]:
         """OpenAI chat logprobs of sampled tokens (from the raw model distribution)."""
         def top(i: int, v: float) -> TopLogprob:
             return TopLogprob(token=self.piece(i), logprob=v, bytes=list(self.piece(i).encode()))

@@ -17,7 +17,7 @@ Plain text stays text. vLLM's chat endpoint renders ``messages`` with the chat t
 tokenizes the resulting *string*, so a ``<|im_end|>`` typed in a message becomes the real
 control token (vLLM has no option to split special tokens in message content; measured on
 vLLM 0.32: one user message faked two extra turns). So chat requests to our child carry
-their prompt as token ids, encoded here by :class:`assist._chat_format.ChatEncoder` from the
+their prompt as token ids, encoded here by :class:`assist.chat_format.ChatEncoder` from the
 checkpoint's own tokenizer, in ``kv_transfer_params.prompt_token_ids``: vLLM (0.32 and later)
 then skips its template and tokenizer and feeds those ids to the model, while its tool-call
 parser, structured outputs and sampling work as before (:func:`chat_body`). A client's own
@@ -47,10 +47,10 @@ from typing import Any
 
 import httpx
 
-from assist._chat_format import ChatEncoder, content_text
-from assist._protocol import Messages
 from assist._remote import RemoteChatModel
-from assist.errors import BadRequest
+from assist.chat_format import ChatEncoder, content_text
+from assist.errors import BadRequest, Unavailable
+from assist.protocol import Messages
 from assist.types import ChatCompletion
 
 __all__ = ["VLLMClient", "VLLMEngine", "VLLMServer", "VLLMStartError", "chat_body", "group_alive",
@@ -112,7 +112,7 @@ def chat_body(body: Mapping[str, Any], encoder: ChatEncoder) -> dict[str, Any]:
     return {**out, "messages": flat, "kv_transfer_params": {"prompt_token_ids": ids}}
 
 
-class VLLMStartError(RuntimeError):
+class VLLMStartError(Unavailable):
     """The vLLM server exited or timed out before it was ready; the message quotes its log."""
 
     def __init__(self, message: str, *, log_path: Path, returncode: int | None) -> None:
@@ -353,11 +353,14 @@ class VLLMServer:
         return self
 
     def _probe(self, http: httpx.Client) -> bool:
+        from assist._remote import list_models
+        from assist.errors import AssistError
+
         try:
             if http.get("/health").status_code != 200:
                 return False
-            models = http.get("/v1/models").raise_for_status().json().get("data", [])
-        except (httpx.HTTPError, ValueError):
+            models = list_models(self.root_url, timeout=5.0, trust_env=False)
+        except (httpx.HTTPError, AssistError, ValueError):
             return False
         for m in models:
             if m.get("id") == self.served_model_name:

@@ -13,9 +13,9 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, cast
 
-from assist._protocol import ChatModel, Messages
-from assist._tasks import gather
 from assist.errors import BadRequest, ContextLengthExceeded
+from assist.fanout import gather
+from assist.protocol import ChatModel, Messages
 from assist.server._protocol import ChatRequest, CompletionRequest, TokenizeRequest, chat_options
 from assist.types import ChatCompletion
 

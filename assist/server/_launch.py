@@ -1,22 +1,21 @@
-"""``assist serve``: typed configuration, the backend it names, and the uvicorn run.
+"""The server's typed configuration, the backend it names, and the uvicorn run.
 
-The CLI flags are generated from :class:`ServeConfig`, so the help text, the defaults and
-the Python API cannot drift apart.
+``assist serve``'s flags are generated from :class:`ServeConfig` (by
+:mod:`assist.cli.serve`), so the help text, the defaults and the Python API cannot drift
+apart. The field metadata keys (``help``, ``choices``, ``metavar``, ``split``) are the ones
+the flag generator reads.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from assist.errors import BadRequest, UpstreamError
+from assist.errors import BadRequest
 from assist.server._backend import Backend, EngineBackend, UpstreamBackend
 
-__all__ = ["ServeConfig", "add_serve_flags", "build_backend", "build_policy", "config_from_args", "serve"]
+__all__ = ["ServeConfig", "allowed_hosts", "build_backend", "build_policy", "serve"]
 
 log = logging.getLogger("assist.server")
 
@@ -24,10 +23,11 @@ log = logging.getLogger("assist.server")
 @dataclass
 class ServeConfig:
     model: str | None = field(default=None, metadata={"help": "checkpoint folder, e.g. runs/tiny/rlhf"})
-    engine: str = field(default="torch", metadata={"help": "torch | vllm (in-process engine for --model)"})
+    engine: str = field(default="torch", metadata={"help": "in-process engine for --model",
+                                                   "choices": ("torch", "vllm")})
     upstream: list[str] = field(default_factory=list, metadata={
         "help": "proxy to an OpenAI-compatible server instead (base URL, e.g. http://h:8000/v1); "
-                "repeat or comma-separate for replicas"})
+                "repeat or comma-separate for replicas", "metavar": "URL", "split": True})
     upstream_model: str | None = field(default=None, metadata={"help": "model name on the upstream (default: its first)"})
     upstream_api_key: str | None = field(default=None, metadata={"help": "API key sent to the upstream"})
     served_model_name: str = field(default="assistant", metadata={"help": "the model name clients ask for"})
@@ -41,7 +41,7 @@ class ServeConfig:
     allowed_hosts: list[str] = field(default_factory=list, metadata={
         "help": "Host header names served, comma-separated ('*.example.com' for subdomains, '*' for any); "
                 "others get 400 (DNS rebinding). Default: localhost, 127.0.0.1 and ::1 when --host is "
-                "loopback, else any"})
+                "loopback, else any", "metavar": "HOSTS", "split": True})
     max_in_flight: int = field(default=256, metadata={
         "help": "model calls accepted at once, each request counted at its worst case (n, prompts x n, "
                 "n x a strategy's calls); beyond: 429 + Retry-After"})
@@ -52,7 +52,8 @@ class ServeConfig:
     resource: list[str] = field(default_factory=list, metadata={
         "help": "KIND[:NAME]=PATH, loaded at start for strategies to use by NAME (default: 'default'); "
                 "KIND: rm (reward model, bon:rm=NAME), store (document store, read-only, rag:store=NAME), "
-                "schema (JSON schema file, json:schema=NAME); repeat for more"})
+                "schema (JSON schema file, json:schema=NAME); repeat for more",
+        "metavar": "KIND[:NAME]=PATH"})
     strategies: str | None = field(default=None, metadata={
         "help": "comma-separated strategy names clients may use (default: all built-ins)"})
     allow_python: bool = field(default=False, metadata={
@@ -63,75 +64,6 @@ class ServeConfig:
         "help": "worst-case model calls of one request (n x its strategy's, prompts x n)"})
     max_total_tokens: int = field(default=65536, metadata={
         "help": "worst-case completion tokens of one strategy request (calls x max_tokens)"})
-
-
-def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(ServeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.name == "upstream":
-            parser.add_argument(flag, action="append", metavar="URL", help=f.metadata["help"])
-        elif f.name == "allowed_hosts":
-            parser.add_argument(flag, action="append", metavar="HOSTS", help=f.metadata["help"])
-        elif f.name == "resource":
-            parser.add_argument(flag, action="append", metavar="KIND[:NAME]=PATH", help=f.metadata["help"])
-        elif f.name == "engine":
-            parser.add_argument(flag, choices=("torch", "vllm"), default=f.default, help=f.metadata["help"])
-        elif kind.startswith("int"):
-            parser.add_argument(flag, type=int, default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, default=f.default, help=f.metadata["help"])
-
-
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}
-    urls = [u.strip() for item in (values["upstream"] or []) for u in item.split(",") if u.strip()]
-    values["upstream"] = urls
-    values["allowed_hosts"] = [h.strip() for item in (values["allowed_hosts"] or []) for h in item.split(",")
-                               if h.strip()]
-    cfg = ServeConfig(**values)
-    if cfg.api_key is not None and not cfg.api_key.strip():
-        raise BadRequest("--api-key is empty: give a key, or leave the flag out to serve without one",
-                         param="--api-key")
-    if bool(cfg.model) == bool(cfg.upstream):
-        raise BadRequest("give exactly one of --model (serve a checkpoint) or --upstream (proxy a server)",
-                         param="--model")
-    if cfg.model and not (Path(cfg.model) / "config.json").is_file():
-        raise BadRequest(f"--model {cfg.model}: no Hugging Face checkpoint (config.json) there", param="--model")
-    for url in cfg.upstream:
-        if not url.startswith(("http://", "https://")):
-            raise BadRequest(f"--upstream {url}: expected an http(s) URL", param="--upstream")
-    if not 0 < cfg.port < 65536:
-        raise BadRequest(f"--port {cfg.port}: not a port", param="--port")
-    _check_policy_flags(cfg)
-    return cfg
-
-
-def _check_policy_flags(cfg: ServeConfig) -> None:
-    """The policy flags' syntax and ranges (loading the resources waits for :func:`serve`)."""
-    cfg.resource = list(cfg.resource or [])
-    for name in ("max_in_flight", "max_depth", "max_k", "max_calls", "max_total_tokens"):
-        if getattr(cfg, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise BadRequest(f"{flag} {getattr(cfg, name)}: must be at least 1", param=flag)
-    try:
-        from strategies import REGISTRY
-        from strategies._policy import PolicyError, parse_resource
-    except ImportError:
-        if cfg.resource or cfg.strategies or cfg.allow_python:
-            raise BadRequest("the policy flags need the strategies package", param="--resource") from None
-        return
-    try:
-        for text in cfg.resource:
-            parse_resource(text)
-    except PolicyError as exc:
-        raise BadRequest(str(exc), param="--resource") from None
-    unknown = [n for n in _names(cfg.strategies) if n not in REGISTRY]
-    if cfg.strategies is not None and (unknown or not _names(cfg.strategies)):
-        raise BadRequest(f"--strategies {cfg.strategies}: unknown {', '.join(unknown) or 'empty list'} "
-                         f"(known: {', '.join(sorted(REGISTRY))})", param="--strategies")
 
 
 def _names(text: str | None) -> list[str]:
@@ -145,8 +77,7 @@ def build_policy(cfg: ServeConfig) -> Any:
     import os
 
     try:
-        from strategies import Limits, Policy, PolicyError
-        from strategies._policy import parse_resource
+        from strategies import Limits, Policy, PolicyError, parse_resource
     except ImportError:
         return None
     resources = list(cfg.resource or [])
@@ -176,27 +107,19 @@ def allowed_hosts(cfg: ServeConfig) -> list[str] | None:
     return None
 
 
-def _upstream_model(url: str, api_key: str | None) -> str:
-    """Ask the first replica which model it serves (a plain sync call before the loop starts)."""
-    import httpx
-
-    base = url.rstrip("/")
-    base = base if base.endswith("/v1") else base + "/v1"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        data = httpx.get(base + "/models", headers=headers, timeout=10).raise_for_status().json()
-        return str(data["data"][0]["id"])
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-        raise UpstreamError(f"--upstream {url}: could not list its models ({exc}); "
-                            "pass --upstream-model") from exc
-
-
 def build_backend(cfg: ServeConfig) -> Backend:
     """The backend ``cfg`` names; a vLLM child process is started here and owned by it."""
-    from assist._remote import RemoteChatModel
+    from assist._remote import RemoteChatModel, list_models
+    from assist.errors import AssistError, UpstreamError
 
     if cfg.upstream:
-        model = cfg.upstream_model or _upstream_model(cfg.upstream[0], cfg.upstream_api_key)
+        model = cfg.upstream_model
+        if not model:  # ask the first replica which model it serves, before the loop starts
+            try:
+                model = str(list_models(cfg.upstream[0], cfg.upstream_api_key)[0]["id"])
+            except (AssistError, IndexError, KeyError) as exc:
+                raise UpstreamError(f"--upstream {cfg.upstream[0]}: could not list its models "
+                                    f"({exc}); pass --upstream-model") from exc
         return UpstreamBackend(RemoteChatModel(cfg.upstream, model, cfg.upstream_api_key))
     assert cfg.model is not None
     if cfg.engine == "vllm":

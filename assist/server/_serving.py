@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from assist._tasks import gather
 from assist.errors import AssistError, BadRequest, NotFound, Overloaded
+from assist.fanout import gather
 from assist.server._backend import Backend
 from assist.server._metrics import Metrics
 from assist.server._protocol import ChatRequest, CompletionRequest
@@ -236,7 +236,7 @@ class Serving:
         """The request's ``n`` runs of the strategy, configured (its ``max_tokens`` caps each
         call, its ``seed`` seeds run i with seed + i), and their worst-case model calls,
         checked against the limits: all before any work starts."""
-        from strategies._base import bound_of, with_fields
+        from strategies import bound_of, with_fields
 
         def configured(i: int) -> Any:
             changes: dict[str, Any] = {}

@@ -7,8 +7,8 @@ from pathlib import Path
 from evals.tasks._base import SPLITS, Sample, Score, Split, Task
 from evals.tasks.arith import ArithConfig, ArithTask
 from evals.tasks.facts import FactsConfig, FactsTask
-from evals.tasks.gsm8k import EXTRACTORS, JsonlError, JsonlTask, gsm8k_task, read_jsonl
-from strategies._extract import final_line, gsm8k_flexible, gsm8k_strict, normalize
+from evals.tasks.gsm8k import JsonlError, JsonlTask, gsm8k_task, read_jsonl
+from strategies.extract import EXTRACTORS, final_line, gsm8k_flexible, gsm8k_strict, normalize
 
 __all__ = [
     "EXTRACTORS",

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from strategies._extract import normalize
+from strategies.extract import normalize
 
 __all__ = ["Sample", "Score", "Split", "Task", "SPLITS"]
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from evals.tasks._base import Sample, Score, Split, Task, check_split
-from strategies._extract import gsm8k_strict, normalize
+from strategies.extract import gsm8k_strict, normalize
 
 __all__ = [
     "ArithConfig", "ArithTask", "Step", "chain", "orders", "parse_steps", "random_solution",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from evals.tasks._base import Sample, Split, Task, check_split
-from strategies._extract import final_line
+from strategies.extract import final_line
 
 __all__ = ["ATTRIBUTES", "Entity", "FactsConfig", "FactsTask"]
 

@@ -11,22 +11,15 @@ Nothing is downloaded: point the task at a file (the project's tests use
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
+from assist.errors import BadRequest
 from evals.tasks._base import Sample, Split, Task, check_split
-from strategies._extract import final_line, gsm8k_flexible, gsm8k_strict
+from strategies.extract import EXTRACTORS, gsm8k_strict
 
-__all__ = ["EXTRACTORS", "JsonlError", "JsonlTask", "gsm8k_task", "read_jsonl"]
+__all__ = ["JsonlError", "JsonlTask", "gsm8k_task", "read_jsonl"]
 
-EXTRACTORS: dict[str, Callable[[str], str | None]] = {
-    "strict": gsm8k_strict,
-    "flexible": gsm8k_flexible,
-    "final": final_line,
-}
-
-
-class JsonlError(ValueError):
+class JsonlError(BadRequest):
     """A task file that cannot be read; the message names the file and line."""
 
 

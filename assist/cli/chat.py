@@ -8,10 +8,10 @@
 Without a strategy (or with ``plain``) the answer streams token by token; with one (``sc@8``,
 ``reflect``, ``tools``, ``rag``, ...) a spinner runs until the strategy is done, then the
 answer and a footer with its tokens, calls and latency. ``/trace`` shows what the strategy
-did for the last answer (see :mod:`assist._chat_trace`). Ctrl-C during an answer cancels it
+did for the last answer (see :mod:`assist.cli._chat_trace`). Ctrl-C during an answer cancels it
 (and frees its batch slots); Ctrl-D or ``/exit`` quits. Bad flags, a missing checkpoint or an
 unreachable server end in one line on stderr and exit status 2. ``assist.cli`` mounts this
-with :func:`add_chat_parser`; ``python -m assist._chat_cli chat ...`` runs it alone.
+with :func:`add_parser`; ``python -m assist.cli.chat chat ...`` runs it alone.
 """
 
 from __future__ import annotations
@@ -22,18 +22,25 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from assist._argtypes import float_at_least, int_at_least, standalone
-from assist._chat_backend import Backend, Capped, ChatUsageError, local_backend, remote_backend
+from assist.cli._chat_backend import (
+    Capped,
+    ChatTarget,
+    ChatUsageError,
+    local_backend,
+    remote_backend,
+)
+from assist.cli._flags import add_flags, float_at_least, from_args, int_at_least, opt, standalone
 
 if TYPE_CHECKING:  # rich and the trace view load with the session: `assist --help` stays quick
     from rich.console import Console
 
-    from assist._chat_trace import Turn
-    from assist._protocol import ChatModel
+    from assist.cli._chat_trace import Turn
+    from assist.protocol import ChatModel
 
-__all__ = ["ChatSession", "add_chat_parser", "main"]
+__all__ = ["ChatConfig", "ChatSession", "add_parser", "main"]
 
 PROMPT = "you> "
 HELP = """\
@@ -43,23 +50,30 @@ HELP = """\
 /help             this list
 /exit             quit (or Ctrl-D); Ctrl-C during an answer cancels it"""
 
-def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
+
+@dataclass
+class ChatConfig:
+    model: str | None = opt(None, "a Hugging Face checkpoint folder", metavar="PATH",
+                            exclusive="where", required_group=True)
+    base_url: str | None = opt(None, "an OpenAI-compatible server", metavar="URL",
+                               exclusive="where", required_group=True)
+    model_name: str | None = opt(None, "the server's model (with --base-url)", metavar="NAME")
+    api_key: str | None = opt(None, "bearer key for the server (with --base-url)", metavar="KEY")
+    strategy: str = opt("plain", "inference strategy, e.g. sc@8, reflect, tools (default: plain, "
+                                 "streamed)", metavar="SPEC")
+    system: str | None = opt(None, "a system prompt for the whole conversation", metavar="TEXT")
+    temperature: float = opt(0.7, "temperature of streamed answers (default: 0.7); a strategy's "
+                                  "own calls use its spec's, e.g. sc@8:t=0.5",
+                             type=float_at_least(0.0), metavar="T")
+    max_tokens: int | None = opt(None, "cap on each answer's and each strategy call's tokens "
+                                       "(default: the rest of the context)",
+                                 type=int_at_least(1), metavar="N")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``chat`` on ``assist``'s subparsers; ``func`` takes the args, returns a code."""
     p = subparsers.add_parser("chat", help="chat in the terminal with a checkpoint or a server")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", metavar="PATH", help="a Hugging Face checkpoint folder")
-    where.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server")
-    p.add_argument("--model-name", metavar="NAME", help="the server's model (with --base-url)")
-    p.add_argument("--api-key", metavar="KEY", help="bearer key for the server (with --base-url)")
-    p.add_argument("--strategy", default="plain", metavar="SPEC",
-                   help="inference strategy, e.g. sc@8, reflect, tools (default: plain, streamed)")
-    p.add_argument("--system", metavar="TEXT", help="a system prompt for the whole conversation")
-    p.add_argument("--temperature", type=float_at_least(0.0), default=0.7, metavar="T",
-                   help="temperature of streamed answers (default: 0.7); a strategy's own "
-                        "calls use its spec's, e.g. sc@8:t=0.5")
-    p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N",
-                   help="cap on each answer's and each strategy call's tokens "
-                        "(default: the rest of the context)")
+    add_flags(p, ChatConfig)
     p.set_defaults(func=_chat)
     return p
 
@@ -81,7 +95,7 @@ def _line_reader() -> Callable[[str], str]:
 class ChatSession:
     """The conversation, the current strategy and the last answer; one line in at a time."""
 
-    def __init__(self, backend: Backend, runner: asyncio.Runner, console: Console, *,
+    def __init__(self, backend: ChatTarget, runner: asyncio.Runner, console: Console, *,
                  strategy: str = "plain", system: str | None = None, temperature: float = 0.7,
                  max_tokens: int | None = None,
                  read_line: Callable[[str], str] | None = None) -> None:
@@ -175,7 +189,7 @@ class ChatSession:
             if self.last is None:
                 self.console.print("no answer yet", style="dim")
             else:
-                from assist._chat_trace import render_trace
+                from assist.cli._chat_trace import render_trace
 
                 for part in render_trace(self.last):
                     self.console.print(part)
@@ -205,12 +219,12 @@ class ChatSession:
             return
         self.messages.append({"role": "assistant", "content": turn.text})
         self.last = turn
-        from assist._chat_trace import footer
+        from assist.cli._chat_trace import footer
 
         self.console.print(footer(turn), style="dim", markup=False, highlight=False)
 
     async def _stream(self) -> Turn:
-        from assist._chat_trace import Turn
+        from assist.cli._chat_trace import Turn
         from strategies import Cost
 
         temperature, max_tokens = self.temperature, self.max_tokens
@@ -250,7 +264,7 @@ class ChatSession:
     async def _solve(self) -> Turn:
         from rich.text import Text
 
-        from assist._chat_trace import Turn
+        from assist.cli._chat_trace import Turn
 
         with self.console.status(f"{self.spec} …", spinner="dots"):
             result = await self.strategy.run(self.model, list(self.messages))
@@ -272,23 +286,24 @@ def _chat(args: argparse.Namespace, *, console: Console | None = None,
 
     import strategies
 
-    if args.model_name and not args.base_url:
+    cfg = from_args(ChatConfig, args)
+    if cfg.model_name and not cfg.base_url:
         return _fail("--model-name goes with --base-url (--model is a checkpoint folder)")
-    if args.api_key and not args.base_url:
+    if cfg.api_key and not cfg.base_url:
         return _fail("--api-key goes with --base-url")
     try:  # a bad spec fails before the slow model load
-        strategies.parse(args.strategy)
+        strategies.parse(cfg.strategy)
     except ValueError as exc:
         return _fail(f"--strategy: {exc}")
     console = console or Console(highlight=False)
     with asyncio.Runner() as runner:
-        backend: Backend | None = None
+        backend: ChatTarget | None = None
         try:
-            backend = (local_backend(args.model, console) if args.model else
-                       remote_backend(args.base_url, args.model_name, args.api_key, runner))
-            session = ChatSession(backend, runner, console, strategy=args.strategy,
-                                  system=args.system, temperature=args.temperature,
-                                  max_tokens=args.max_tokens, read_line=read_line)
+            backend = (local_backend(cfg.model, console) if cfg.model else
+                       remote_backend(cfg.base_url or "", cfg.model_name, cfg.api_key, runner))
+            session = ChatSession(backend, runner, console, strategy=cfg.strategy,
+                                  system=cfg.system, temperature=cfg.temperature,
+                                  max_tokens=cfg.max_tokens, read_line=read_line)
             try:
                 return session.run()
             finally:
@@ -306,7 +321,7 @@ def _chat(args: argparse.Namespace, *, console: Console | None = None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``assist chat ...`` on its own (the same parser ``assist.cli`` mounts)."""
-    return standalone(add_chat_parser, argv)
+    return standalone(add_parser, argv)
 
 
 if __name__ == "__main__":

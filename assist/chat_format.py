@@ -22,7 +22,10 @@ import secrets
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch loads with the first reward read, not with `import assist`
+    import torch
 
 __all__ = [
     "BOS",
@@ -44,6 +47,7 @@ __all__ = [
     "render",
     "render_parts",
     "render_segments",
+    "reward_scores",
     "tool_call_text",
 ]
 
@@ -363,3 +367,19 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
         last = m.end()
     kept.append(text[last:])
     return "".join(kept).strip() if calls else text, calls
+
+
+def reward_scores(rm: torch.nn.Module, tok: Any, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The reward model's reading of each prompt+completion id list (``<|reward|>`` appended when
+    missing): the scalar at the readout token. Training and ``strategies.RewardModel`` both
+    read rewards here."""
+    import torch
+
+    readout = tok.convert_tokens_to_ids(REWARD)
+    rows = [list(s) if s and s[-1] == readout else [*s, readout] for s in sequences]
+    device = next(rm.parameters()).device
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    # Right padding: the classifier reads the last non-pad token, our readout token.
+    return rm(input_ids=ids, attention_mask=mask).logits[:, 0].float()

@@ -7,11 +7,11 @@
     assist index search QUERY --store PATH [-k 5] [--mode hybrid|bm25|dense]
     assist index stats --store PATH
 
-``--store`` defaults to ``$ASSIST_RAG_STORE``, the same default the strategy uses. ``add``
-reads and chunks every file before it opens the store, so a bad path or a bad JSONL line
-ends in one line on stderr, exit 2, and nothing written; it is resumable: chunks already
-stored with the same text are skipped. ``assist.cli`` mounts this with
-:func:`add_index_parser`; ``python -m assist._index_cli index ...`` runs it alone.
+``--store`` defaults to ``$ASSIST_RAG_STORE`` (:data:`strategies.rag.STORE_ENV`), the same
+default the strategy uses. ``add`` reads and chunks every file before it opens the store, so
+a bad path or a bad JSONL line ends in one line on stderr, exit 2, and nothing written; it
+is resumable: chunks already stored with the same text are skipped. ``assist.cli`` mounts
+this with :func:`add_parser`; ``python -m assist.cli.index index ...`` runs it alone.
 """
 
 from __future__ import annotations
@@ -20,54 +20,75 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from assist._argtypes import int_at_least, standalone
+from assist.cli._flags import add_flags, int_at_least, opt, standalone
+from assist.errors import AssistError, BadRequest
 
-__all__ = ["add_index_parser", "main"]
-
-STORE_ENV = "ASSIST_RAG_STORE"
-# strategies._store.MODES, spelt out: importing the store here would slow `assist --help`.
-MODES = ("hybrid", "bm25", "dense")
+__all__ = ["IndexAdd", "IndexSearch", "IndexStats", "add_parser", "main"]
 
 
-class _Usage(Exception):
+class _Usage(BadRequest):
     """A missing flag noticed after parsing (the store may come from the environment)."""
 
 
-def _store_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=os.environ.get(STORE_ENV),
-                   help=f"the store file (default: ${STORE_ENV})")
+def _store_env() -> str:
+    from strategies.rag import STORE_ENV
+
+    return STORE_ENV
 
 
-def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
+def _modes() -> tuple[str, ...]:
+    from strategies import MODES
+
+    return MODES
+
+
+def _store(**kw: Any) -> Any:
+    return opt(None, lambda: f"the store file (default: ${_store_env()})", **kw)
+
+
+@dataclass
+class IndexAdd:
+    paths: list[str] = opt(default_factory=list, help="", positional=True, nargs="+",
+                           metavar="DIR_OR_FILE")
+    store: str | None = _store()
+    chunk_chars: int = opt(1000, "largest chunk in characters", type=int_at_least(1))
+    overlap: int | None = opt(None, "characters repeated between neighbouring chunks "
+                                    "(default: chunk-chars/10)", type=int_at_least(0))
+    embedder: str | None = opt(None, "minilm (all-MiniLM-L6-v2, semantic) or hashing (lexical, "
+                                     "no model); default: the store's own, minilm for a new store",
+                               choices=("minilm", "hashing"))
+    no_embed: bool = opt(False, "store text only: BM25 at once, vectors made on first dense search")
+
+
+@dataclass
+class IndexSearch:
+    query: str = opt(help="", positional=True)
+    store: str | None = _store()
+    k: int = opt(5, "how many chunks", type=int_at_least(1), flags=("-k",))
+    mode: str = opt("hybrid", "how to rank: BM25, dense vectors, or both fused", choices=_modes)
+
+
+@dataclass
+class IndexStats:
+    store: str | None = _store()
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``index`` and its subcommands on ``assist``'s subparsers; each leaf sets
     ``func`` to a handler that takes the parsed args and returns an exit code."""
     index = subparsers.add_parser("index", help="build and query the rag strategy's document store")
     sub = index.add_subparsers(dest="index_command", required=True, metavar="{add,search,stats}")
-    a = sub.add_parser("add", help="chunk and index .txt/.md/.jsonl files (resumable)")
-    a.add_argument("paths", nargs="+", metavar="DIR_OR_FILE")
-    _store_flag(a)
-    a.add_argument("--chunk-chars", type=int_at_least(1), default=1000,
-                   help="largest chunk in characters (default: 1000)")
-    a.add_argument("--overlap", type=int_at_least(0), default=None,
-                   help="characters repeated between neighbouring chunks (default: chunk-chars/10)")
-    a.add_argument("--embedder", choices=("minilm", "hashing"), default=None,
-                   help="minilm (all-MiniLM-L6-v2, semantic) or hashing (lexical, no model); "
-                        "default: the store's own, minilm for a new store")
-    a.add_argument("--no-embed", action="store_true",
-                   help="store text only: BM25 at once, vectors made on first dense search")
-    a.set_defaults(func=_add)
-    s = sub.add_parser("search", help="show the best chunks for a query")
-    s.add_argument("query")
-    _store_flag(s)
-    s.add_argument("-k", type=int_at_least(1), default=5, help="how many chunks (default: 5)")
-    s.add_argument("--mode", choices=MODES, default="hybrid", help="default: hybrid")
-    s.set_defaults(func=_search)
-    t = sub.add_parser("stats", help="count the store's chunks and say what embedded them")
-    _store_flag(t)
-    t.set_defaults(func=_stats)
+    for name, help_line, config, func in (
+            ("add", "chunk and index .txt/.md/.jsonl files (resumable)", IndexAdd, _add),
+            ("search", "show the best chunks for a query", IndexSearch, _search),
+            ("stats", "count the store's chunks and say what embedded them", IndexStats, _stats)):
+        p = sub.add_parser(name, help=help_line)
+        add_flags(p, config)
+        p.set_defaults(func=func)
     return index
 
 
@@ -77,17 +98,16 @@ def _fail(args: argparse.Namespace, message: str) -> int:
 
 
 def _need_store(args: argparse.Namespace) -> Path | None:
-    return Path(args.store) if args.store else None
+    store = args.store or os.environ.get(_store_env())
+    return Path(store) if store else None
 
 
 def _add(args: argparse.Namespace) -> int:
-    from strategies._embed import EmbedderError, embedder_by_name
-    from strategies._ingest import IngestError, load_chunks
-    from strategies._store import DocumentStore, StoreError
+    from strategies import DocumentStore, embedder_by_name, load_chunks
 
     store_path = _need_store(args)
     if store_path is None:
-        return _fail(args, f"--store is required (or set ${STORE_ENV})")
+        return _fail(args, f"--store is required (or set ${_store_env()})")
     overlap = args.chunk_chars // 10 if args.overlap is None else args.overlap
     if overlap > args.chunk_chars // 2:
         return _fail(args, f"--overlap {overlap} is over half of --chunk-chars {args.chunk_chars}")
@@ -99,12 +119,12 @@ def _add(args: argparse.Namespace) -> int:
         with DocumentStore(store_path, embedder=embedder) as store:
             stats = store.add(chunks, embed=not args.no_embed)
             total = len(store)
-    except (IngestError, StoreError, EmbedderError) as exc:
+    except AssistError as exc:
         if new:  # a store that failed on its first batch holds nothing: leave no file behind
             for path in (store_path, *(store_path.with_name(store_path.name + s)
                                        for s in ("-wal", "-shm"))):
                 path.unlink(missing_ok=True)
-        return _fail(args, str(exc))
+        return _fail(args, exc.message)
     except KeyboardInterrupt:
         print("assist index add: interrupted; finished batches are kept, run it again to go on",
               file=sys.stderr)
@@ -116,11 +136,11 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from strategies._store import DocumentStore
+    from strategies import DocumentStore
 
     store_path = _need_store(args)
     if store_path is None:
-        raise _Usage(f"--store is required (or set ${STORE_ENV})")
+        raise _Usage(f"--store is required (or set ${_store_env()})")
     return DocumentStore(store_path, embedder=getattr(args, "embedder_override", None),
                          create=False)
 
@@ -129,15 +149,9 @@ def _search(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from strategies._embed import EmbedderError
-    from strategies._store import StoreError
-
-    try:
-        with _open(args) as store:
-            hits = store.search(args.query, k=args.k, mode=args.mode)
-            sources = {h.id: (c.source if (c := store.get(h.id)) else "") for h in hits}
-    except (_Usage, StoreError, EmbedderError) as exc:
-        return _fail(args, str(exc))
+    with _open(args) as store:  # a missing or bad store: one line from assist.cli, exit 2
+        hits = store.search(args.query, k=args.k, mode=args.mode)
+        sources = {h.id: (c.source if (c := store.get(h.id)) else "") for h in hits}
     table = Table(title=f"{args.mode} search: {args.query}")
     for col in ("#", "id", "score", "source", "text"):
         table.add_column(col, justify="right" if col in ("#", "score") else "left",
@@ -153,13 +167,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from strategies._store import StoreError
-
-    try:
-        with _open(args) as store:
-            stats = store.stats()
-    except (_Usage, StoreError) as exc:
-        return _fail(args, str(exc))
+    with _open(args) as store:
+        stats = store.stats()
     for key in ("path", "chunks", "embedded", "sources", "embedder", "dim", "bytes"):
         print(f"{key:>9}: {stats[key] if stats[key] is not None else '-'}")
     return 0
@@ -167,7 +176,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None, *, embedder: Any = None) -> int:
     """``assist index ...`` on its own; ``embedder`` overrides the store's (for tests)."""
-    return standalone(add_index_parser, argv, embedder_override=embedder)
+    return standalone(add_parser, argv, embedder_override=embedder)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ items, closed book against retrieval on every held-out ``facts`` item (seen and 
 kingdoms), and mode collapse across base/SFT/RLHF. It then writes ``RUN/REPORT.md``: the
 claims of "State of GPT" as a table, each with its goal and this model's own figure, and
 the figures behind them. A claim that one strategy beats another is *shown* only when the
-paired 95% interval of the difference excludes 0. Every step is an ``assist eval`` run with
-``--resume``, so an interrupted demo continues where it stopped and a finished one is
-rebuilt in seconds. The wall time of each step's first pass is kept in
+paired 95% interval of the difference excludes 0. Every step is an evaluation run
+(:func:`evals.run.run_eval`) with ``resume``, so an interrupted demo continues where it
+stopped and a finished one is rebuilt in seconds; the claims are judged by
+:func:`evals.report.demo_claims`. The wall time of each step's first pass is kept in
 ``RUN/eval/demo_timing.json``.
 """
 
@@ -23,27 +24,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARITH", "DemoConfig", "add_demo_parser", "run"]
+from assist.cli._flags import add_flags, from_args, opt
 
-SC, BON = "sc@16:t=0.7", "bon@16:t=0.7"
-ARITH = f"direct,cot,{SC},{BON},reflect,tools"
-FACTS = "plain,rag"  # closed book is the question as asked (facts were never asked with a suffix)
+__all__ = ["DemoConfig", "add_parser", "run"]
 
 
 @dataclass
 class DemoConfig:
-    run: Path
-    limit: int = 300  # held-out arith items per claim
-    facts_limit: int | None = None  # held-out facts items (default: all, seen and unseen)
-    concurrency: int = 16
+    run: Path = opt(Path("runs/tiny"), "a run folder from `assist train`")
+    limit: int = opt(300, "held-out arith items per claim")
+    facts_limit: int | None = opt(None, "held-out facts items (default: all of them, seen and "
+                                        "unseen)")
+    concurrency: int = opt(16, "runs in flight")
 
 
-def _eval(*args: str) -> None:
-    from assist.cli import main as cli
+def _eval(**fields: Any) -> None:
+    """One evaluation run, resumable, through the harness's Python API; too many errored
+    runs stop the demo with ``assist eval run``'s status 3."""
+    from rich.console import Console
 
-    code = cli(["eval", *args])
-    if code != 0:
-        raise SystemExit(code)
+    from assist.cli.eval import ERRORS_EXIT
+    from evals.report import rich_table
+    from evals.run import EvalConfig, run_eval
+
+    cfg = EvalConfig(resume=True, **fields)
+    outcome = run_eval(cfg)
+    Console(width=max(160, Console().width)).print(rich_table(outcome.summary))
+    errors = outcome.errors
+    if errors.errored_runs and errors.rate > cfg.max_error_rate:
+        print(f"assist demo: {errors.errored_runs} of {errors.runs} runs in {outcome.out} "
+              f"errored (first: {errors.examples[0]}); run the demo again to retry them",
+              file=sys.stderr)
+        raise SystemExit(ERRORS_EXIT)
 
 
 def _timed(timing: dict[str, float], name: str, work: Callable[[], None]) -> None:
@@ -56,7 +68,9 @@ def _timed(timing: dict[str, float], name: str, work: Callable[[], None]) -> Non
 def run(cfg: DemoConfig) -> int:
     from rich.console import Console
 
-    from assist._demo_report import write_report
+    from assist.cli._demo_report import write_report
+    from evals.diversity import DiversityConfig, measure_checkpoints
+    from evals.report import DEMO_ARITH, DEMO_FACTS
 
     console = Console()
     run_dir = cfg.run
@@ -70,23 +84,23 @@ def run(cfg: DemoConfig) -> int:
     timing_path = ev / "demo_timing.json"
     saved = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     timing: dict[str, float] = dict(saved.get("steps", {}))
-    common = ["--concurrency", str(cfg.concurrency), "--resume"]
-    arith = ["--limit", str(cfg.limit), *common]
-    facts = ([] if cfg.facts_limit is None else ["--limit", str(cfg.facts_limit)]) + common
+    common: dict[str, Any] = {"concurrency": cfg.concurrency}
+    arith = {"limit": cfg.limit, **common}
+    facts = {"limit": cfg.facts_limit, **common}
 
     steps: list[tuple[str, str, Callable[[], None]]] = [
-        ("arith", f"strategies on arith ({ARITH})",
-         lambda: _eval("run", "--task", "arith", "--strategies", ARITH, "--model", str(model),
-                       "--out", str(ev / "arith"), *arith)),
+        ("arith", f"strategies on arith ({DEMO_ARITH})",
+         lambda: _eval(task="arith", strategies=DEMO_ARITH, model=str(model),
+                       out=str(ev / "arith"), **arith)),
         ("arith-sft", "the SFT model, greedy cot (RLHF's baseline)",
-         lambda: _eval("run", "--task", "arith", "--strategies", "cot", "--model", str(run_dir / "sft"),
-                       "--out", str(ev / "arith-sft"), *arith)),
+         lambda: _eval(task="arith", strategies="cot", model=str(run_dir / "sft"),
+                       out=str(ev / "arith-sft"), **arith)),
         ("arith-scratch", "SFT from a random init, greedy cot (pretraining's control)",
-         lambda: _eval("run", "--task", "arith", "--strategies", "cot", "--model",
-                       str(run_dir / "sft-scratch"), "--out", str(ev / "arith-scratch"), *arith)),
+         lambda: _eval(task="arith", strategies="cot", model=str(run_dir / "sft-scratch"),
+                       out=str(ev / "arith-scratch"), **arith)),
         ("facts", "closed book vs retrieval on facts, seen and unseen kingdoms",
-         lambda: _eval("run", "--task", "facts", "--strategies", FACTS, "--model", str(model),
-                       "--out", str(ev / "facts"), *facts)),
+         lambda: _eval(task="facts", strategies=DEMO_FACTS, model=str(model),
+                       out=str(ev / "facts"), **facts)),
     ]
     t_all = time.perf_counter()
     n = len(steps) + 1
@@ -98,9 +112,8 @@ def run(cfg: DemoConfig) -> int:
         _timed(timing, name, work)
     console.rule(f"[bold]{n}/{n} mode collapse: base, sft, rlhf")
     div_done = (ev / "diversity" / "diversity.json").is_file()
-    _timed(timing, "diversity", lambda: None if div_done else _eval(
-        "diversity", "--models", ",".join(str(run_dir / s) for s in ("base", "sft", "rlhf")),
-        "--out", str(ev / "diversity")))
+    _timed(timing, "diversity", lambda: None if div_done else measure_checkpoints(
+        [run_dir / s for s in ("base", "sft", "rlhf")], DiversityConfig(), ev / "diversity"))
     doc = {"steps": timing, "first_pass_wall_s": saved.get("first_pass_wall_s", round(sum(timing.values()), 2)),
            "last_pass_wall_s": round(time.perf_counter() - t_all, 2)}
     timing_path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -110,12 +123,9 @@ def run(cfg: DemoConfig) -> int:
     return 0
 
 
-def add_demo_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="evaluate a trained run and write RUN/REPORT.md (the main job's second half)")
-    p.add_argument("--run", default="runs/tiny", help="a run folder from `assist train` (default: runs/tiny)")
-    p.add_argument("--limit", type=int, default=DemoConfig.limit, help="held-out arith items per claim")
-    p.add_argument("--facts-limit", type=int, default=None,
-                   help="held-out facts items (default: all of them, seen and unseen)")
-    p.add_argument("--concurrency", type=int, default=DemoConfig.concurrency, help="runs in flight")
-    p.set_defaults(func=lambda a: run(DemoConfig(Path(a.run), a.limit, a.facts_limit, a.concurrency)))
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo", help="evaluate a trained run and write RUN/REPORT.md (the main job's second half)")
+    add_flags(p, DemoConfig)
+    p.set_defaults(func=lambda a: run(from_args(DemoConfig, a)))
     return p

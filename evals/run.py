@@ -3,7 +3,8 @@
 :func:`run_eval` does everything ``assist eval run`` does except print and choose an exit
 status: checks the config, builds the task and strategies, locks ``cfg.out``, checks a
 resumed run's identity, loads the model (or connects to the server), evaluates, and writes
-``samples.jsonl``, ``results.json`` and ``report.md``. Every user mistake is an
+``samples.jsonl``, ``results.json``, ``report.md`` and, when inspect-ai is installed, one
+inspect eval log per strategy (``*.eval``, see :mod:`evals.inspect_log`). Every user mistake is an
 :class:`EvalError` raised before any model loads; Ctrl-C keeps the finished items. The demo
 (``assist demo``) calls it directly.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -126,10 +128,21 @@ def run_eval(cfg: EvalConfig, *, out: Path | None = None, console: Any = None) -
         ready = prepare_strategies(strategies, task, out=out, stack=stack, console=console,
                                    model_path=Path(cfg.model) if cfg.model else None,
                                    max_tokens=cfg.max_tokens, embedder=cfg.embedder)
+        started = datetime.now(UTC)
         records = asyncio.run(_evaluate(cfg, model_name, task, ready, items, out, identity))
+        ended = datetime.now(UTC)
         errors = error_stats(records)
-        summary = _write(cfg, specs, task, len(items), model_name, out, records, errors)
+        summary = _write(cfg, specs, task, len(items), model_name, out, records, errors,
+                         identity=identity, times=(started, ended), console=console)
     return EvalOutcome(out, records, errors, summary)
+
+
+def _inspect_model(cfg: EvalConfig, model_name: str | None) -> str:
+    """The model as inspect names one, ``provider/name``: ``assist/<checkpoint folder>``, or
+    ``openai-api/assist/<served name>`` as ``docs/peers.md`` calls a server from inspect."""
+    if cfg.model:
+        return f"assist/{Path(cfg.model).resolve().name}"
+    return f"openai-api/assist/{model_name}"
 
 
 def _errors_section(errors: Any, max_error_rate: float) -> str:
@@ -144,8 +157,11 @@ def _errors_section(errors: Any, max_error_rate: float) -> str:
 
 
 def _write(cfg: EvalConfig, specs: list[str], task: Any, n_items: int, model_name: str | None,
-           out: Path, records: list[dict[str, Any]], errors: Any) -> dict[str, Any]:
-    from evals.report import summarize, write_report, write_results
+           out: Path, records: list[dict[str, Any]], errors: Any, *,
+           identity: dict[str, Any], times: tuple[datetime, datetime],
+           console: Any) -> dict[str, Any]:
+    from evals import inspect_log
+    from evals.report import _commit, packages, summarize, write_report, write_results
 
     summary = summarize(records, baseline=cfg.baseline)
     config = dataclasses.asdict(cfg)
@@ -154,8 +170,21 @@ def _write(cfg: EvalConfig, specs: list[str], task: Any, n_items: int, model_nam
     model = cfg.model or f"{model_name} @ {cfg.base_url}"
     config.update(strategy_specs=specs, task_name=task.name, items=n_items, served_model=model,
                   task_settings=dataclasses.asdict(task.config) if hasattr(task, "config") else None)
-    write_results(out, summary, config, extra={"errors": {
-        **errors._asdict(), "rate": errors.rate, "max_error_rate": cfg.max_error_rate}})
+    commit, versions = _commit(), packages()
+    started, ended = (t.isoformat(timespec="seconds") for t in times)
+    dataset = {"name": task.name, "hash": identity["dataset"], "items": n_items,
+               "location": cfg.task if cfg.task.endswith(".jsonl") else
+               (cfg.data_dir or None) if cfg.task == "gsm8k" else None}
+    write_results(out, summary, config, commit=commit, extra={
+        "started": started, "ended": ended, "dataset": dataset,
+        "errors": {**errors._asdict(), "rate": errors.rate, "max_error_rate": cfg.max_error_rate}})
+    logs = inspect_log.write_inspect_logs(
+        out, records, summary, model=_inspect_model(cfg, model_name), started=times[0],
+        completed=times[1], epochs=cfg.samples, dataset=dataset, packages=versions,
+        commit=commit, metadata={"seed": cfg.seed, "identity": identity})
+    if logs is None:
+        console.print("[yellow]inspect-ai is not installed: no eval log for `inspect view` "
+                      "(pip install 'assist[dev]')[/yellow]")
     setup = (f"## Setup\n\n- model: `{model}`\n- task: `{task.name}`, {n_items} test items, "
              f"K={cfg.samples} run(s) each, seed {cfg.seed}\n- strategies: "
              + ", ".join(f"`{s}`" for s in specs)

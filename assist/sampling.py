@@ -25,7 +25,13 @@ class Completion:
     entropies: list[float] = field(default_factory=list)  # of each step's distribution (nats)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Temperature-scaled ``logits`` with the tokens outside min-p, top-k and top-p set to
+    -inf, in vLLM's order (min-p first: tokens less likely than ``min_p`` x the top one)."""
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        floor = probs.amax(dim=-1, keepdim=True) * min_p
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

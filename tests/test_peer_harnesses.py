@@ -206,12 +206,17 @@ def test_lm_eval_local_chat_completions_generate_until(lm_eval_cli, served, task
     assert row["resps"][0][0] == direct.choices[0].message.content
 
 
-def test_lm_eval_loglikelihood_via_echo_logprobs(lm_eval_cli, served, task_dir, tmp_path):
+@pytest.mark.parametrize("tokenizer", ["huggingface", "remote", "auto"])
+def test_lm_eval_loglikelihood_via_echo_logprobs(lm_eval_cli, served, task_dir, tmp_path, tokenizer):
     """multiple_choice through /v1/completions (echo + logprobs). lm-eval needs a tokenizer to
-    split context from continuation, so it gets the checkpoint's own (a local folder: no Hub)."""
+    split context from continuation: the checkpoint's own (a local folder: no Hub), or the
+    server's through vLLM's /tokenize, /detokenize and /tokenizer_info ("remote", which lm-eval
+    also picks by itself when no backend is named), with no copy of the checkpoint at all."""
     url, rlhf, _ = served
-    args = (f"model=assistant,base_url={url}/v1/completions,num_concurrent=2,"
-            f"tokenized_requests=True,tokenizer_backend=huggingface,tokenizer={rlhf}")
+    backend = {"huggingface": f"tokenizer_backend=huggingface,tokenizer={rlhf}",
+               "remote": "tokenizer_backend=remote", "auto": ""}[tokenizer]
+    args = f"model=assistant,base_url={url}/v1/completions,num_concurrent=2,tokenized_requests=True"
+    args += f",{backend}" if backend else ""
     results, logged = _lm_eval(lm_eval_cli, "assist_arith_mc", "local-completions", args, task_dir, tmp_path / "out")
     assert len(logged) == N_GEN
 

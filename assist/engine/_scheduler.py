@@ -96,6 +96,23 @@ class SamplingParams:
     grammar: ConstraintFactory | None = None
     prompt_logprobs: int | None = None  # None: not asked; k: each prompt token's logprob and top k
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; vLLM's field of the same name)
+    # vLLM's further sampling fields, with its semantics (vllm/v1/sample/sampler.py), applied
+    # in its order: allowed_token_ids, min_tokens, logit_bias, then the repetition, frequency
+    # and presence penalties (all before the greedy pick); min_p after the temperature.
+    presence_penalty: float = 0.0  # minus this for every token already generated
+    frequency_penalty: float = 0.0  # minus this times each token's count in the output
+    repetition_penalty: float = 1.0  # tokens of the prompt or output: logit / p if > 0, else x p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added
+    min_p: float = 0.0  # sampling only: drop tokens below min_p x the likeliest's probability
+    min_tokens: int = 0  # no stop token (eos, stop_token_ids) or stop string before this many
+    include_stop_str_in_output: bool = False  # keep the stop string (or stop token's text)
+    allowed_token_ids: tuple[int, ...] | None = None  # sample only among these
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits are changed before the pick (penalties, biases, masks)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
 
 
 @dataclass
@@ -143,6 +160,12 @@ class _Request:
     stop_window: int = 0  # the longest stop string's length
     pending: int = 0
     prompt_logprobs: list[TokenIdLogprob | None] | None = None
+    # Prepared once per request for SamplingParams.adjusts (vocabulary-sized tensors).
+    allowed: torch.Tensor | None = None  # bool: the allowed tokens
+    bias_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    in_prompt: torch.Tensor | None = None  # bool: tokens of the prompt (repetition penalty)
+    min_stops: torch.Tensor | None = None  # ids masked until min_tokens
 
 
 @dataclass
@@ -221,6 +244,19 @@ def _validate(p: SamplingParams, vocab_size: int) -> None:
         raise BadRequest("stop must be non-empty strings", param="stop")
     if not all(type(i) is int for i in p.stop_token_ids):
         raise BadRequest("stop_token_ids must be integers", param="stop_token_ids")
+    real("presence_penalty", p.presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")
+    real("frequency_penalty", p.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")
+    real("repetition_penalty", p.repetition_penalty, lambda v: v > 0, "a finite number > 0")
+    real("min_p", p.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
+    whole("min_tokens", p.min_tokens, 0, p.max_tokens if p.max_tokens > 0 else None)
+    for i, b in p.logit_bias:
+        whole("logit_bias", i, 0, vocab_size - 1)
+        real("logit_bias", b, lambda v: True, "a finite number")
+    if p.allowed_token_ids is not None:
+        if not p.allowed_token_ids:
+            raise BadRequest("allowed_token_ids must not be empty", param="allowed_token_ids")
+        for i in p.allowed_token_ids:
+            whole("allowed_token_ids", i, 0, vocab_size - 1)
 
 
 def _seed(seed: int | None, i: int) -> int:
@@ -376,10 +412,58 @@ class Scheduler:
                 request.generators.append(g)
                 request.constraints.append(p.grammar.new() if p.grammar is not None else None)
             request.stop_window = max(map(len, p.stop), default=0)
+            if p.adjusts:
+                self._prepare_adjust(request)
         except Exception as exc:  # noqa: BLE001 - one request's parameters fail that request only
             _fail(request.future, exc)
             return False
         return True
+
+    def _prepare_adjust(self, request: _Request) -> None:
+        p, device = request.params, self.runner.device
+        lm_head: Any = self.runner.model.lm_head
+        width = int(lm_head.weight.shape[0])  # the logits' width
+        if p.allowed_token_ids is not None:
+            request.allowed = torch.zeros(width, dtype=torch.bool, device=device)
+            request.allowed[list(p.allowed_token_ids)] = True
+        if p.logit_bias:
+            request.bias_ids = torch.tensor([i for i, _ in p.logit_bias], device=device)
+            request.bias_values = torch.tensor([min(100.0, max(-100.0, float(b))) for _, b in p.logit_bias],
+                                               device=device)
+        if p.repetition_penalty != 1.0:
+            request.in_prompt = torch.zeros(width, dtype=torch.bool, device=device)
+            request.in_prompt[request.prompt] = True
+        if p.min_tokens:
+            # vLLM's all_stop_token_ids: the eos ids (even under ignore_eos) and stop_token_ids
+            request.min_stops = torch.tensor(sorted(set(self.eos_ids) | set(p.stop_token_ids)), device=device)
+
+    @staticmethod
+    def _adjust(seq: _Seq, row: torch.Tensor) -> torch.Tensor:
+        """One sequence's logits after allowed_token_ids, min_tokens (unconstrained rows:
+        a grammar's are masked after its own mask, in _accept), logit_bias and the penalties,
+        as vLLM's sampler applies them. ``row`` is changed in place (a copy of the raw one)."""
+        r, p = seq.request, seq.request.params
+        if r.allowed is not None:
+            row.masked_fill_(~r.allowed, float("-inf"))
+        if r.min_stops is not None and seq.constraint is None and len(seq.out.token_ids) < p.min_tokens:
+            row[r.min_stops] = float("-inf")
+        if r.bias_ids is not None and r.bias_values is not None:
+            row[r.bias_ids] += r.bias_values
+        out = seq.out.token_ids
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long, device=row.device),
+                                    minlength=row.shape[-1])[: row.shape[-1]].to(row.dtype)
+            seen = counts > 0
+            if p.repetition_penalty != 1.0:
+                assert r.in_prompt is not None
+                hit = r.in_prompt | seen
+                scale = torch.where(row > 0, 1.0 / p.repetition_penalty, p.repetition_penalty)
+                row.mul_(torch.where(hit, scale, torch.ones_like(scale)))
+            if p.frequency_penalty:
+                row.sub_(p.frequency_penalty * counts)
+            if p.presence_penalty:
+                row.sub_(p.presence_penalty * seen.to(row.dtype))
+        return row
 
     def _start(self, request: _Request) -> None:
         """Prefill one request (scoring its prompt when asked) and sample its first tokens."""
@@ -446,7 +530,9 @@ class Scheduler:
         rows = {id(s): b for b, s in enumerate(firsts)} | {id(s): b for b, s in extra}
         for seq in self.active[base:]:
             try:
-                self._accept(seq, logits[rows[id(seq)]], seq.request.generators[seq.out.index])
+                raw = logits[rows[id(seq)]]
+                row = self._adjust(seq, raw.clone()) if seq.request.params.adjusts else raw
+                self._accept(seq, row, seq.request.generators[seq.out.index], raw=raw)
             except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others
                 seq.out.finish_reason = "error"
                 _fail(seq.request.future, exc)
@@ -468,20 +554,29 @@ class Scheduler:
     def _decode(self) -> None:
         tokens = torch.tensor([[s.next_token] for s in self.active], device=self.runner.device)
         positions = torch.tensor([[s.length] for s in self.active], device=self.runner.device)
-        logits = self.runner.forward(tokens, positions, 0)
+        raw = logits = self.runner.forward(tokens, positions, 0)
         self.steps += 1
+        adjusted = [i for i, s in enumerate(self.active) if s.request.params.adjusts]
+        if adjusted:  # penalties, biases and masks change the pick, never the reported logprobs
+            logits = raw.clone()
+            for i in adjusted:
+                try:
+                    self._adjust(self.active[i], logits[i])
+                except Exception as exc:  # noqa: BLE001 - this row's request fails, not the batch
+                    self.active[i].out.finish_reason = "error"
+                    _fail(self.active[i].request.future, exc)
         # Batch-wide work once per step rather than once per sequence: the greedy pick of every
         # row, the sampled pick of unconstrained sampling rows, and the log-softmax when asked.
         picks = logits.argmax(-1).tolist()
         self._sample_rows(logits, picks)
-        logp = torch.log_softmax(logits, -1) if any(s.request.params.logprobs for s in self.active) else None
+        logp = torch.log_softmax(raw, -1) if any(s.request.params.logprobs for s in self.active) else None
         for i, s in enumerate(list(self.active)):
             s.length += 1
             if s.request.future.done():  # failed or cancelled: freed by the sweep below
                 continue
             try:
                 self._accept(s, logits[i], s.request.generators[s.out.index], picks[i],
-                             None if logp is None else logp[i])
+                             None if logp is None else logp[i], raw=raw[i])
             except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
                 s.out.finish_reason = "error"
                 _fail(s.request.future, exc)
@@ -491,14 +586,14 @@ class Scheduler:
         """Overwrite ``picks`` for unconstrained sampling rows: rows sharing (temperature,
         top_k, top_p) are filtered together; each row draws its Gumbel noise from its own
         seeded generator, so a request's samples do not depend on its batch-mates."""
-        groups: dict[tuple[float, int, float], list[int]] = {}
+        groups: dict[tuple[float, int, float, float], list[int]] = {}
         for i, s in enumerate(self.active):
             p = s.request.params
             if p.temperature >= SAMPLING_EPS and s.constraint is None:
-                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-        for (temperature, top_k, top_p), rows in groups.items():
+                groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+        for (temperature, top_k, top_p, min_p), rows in groups.items():
             try:
-                filtered = filter_logits(logits[rows] / temperature, top_k, top_p)
+                filtered = filter_logits(logits[rows] / temperature, top_k, top_p, min_p)
                 noise = torch.stack([_gumbel(logits.shape[-1], self.active[i].request.generators[
                     self.active[i].out.index], logits.device) for i in rows])
                 tokens = (filtered + noise).argmax(-1).tolist()
@@ -511,27 +606,35 @@ class Scheduler:
                 picks[i] = token
 
     def _accept(self, seq: _Seq, logits: torch.Tensor, g: torch.Generator | None,
-                greedy: int | None = None, logp: torch.Tensor | None = None) -> None:
+                greedy: int | None = None, logp: torch.Tensor | None = None,
+                raw: torch.Tensor | None = None) -> None:
         """Sample the next token from ``logits`` and record it; decide if the sequence ends.
 
         ``greedy``/``logp``: the row's pick and log-softmax when the caller computed them for
         the whole batch (``greedy`` is ignored for constrained rows, which mask first).
+        ``raw``: the model's own row when ``logits`` were adjusted (what logprobs report).
         """
         p = seq.request.params
         masked = logits
         if seq.constraint is not None:
             masked = logits.clone()  # the raw row stays intact for the reported logprobs
             seq.constraint.mask_(masked)
+            r = seq.request
+            if r.min_stops is not None and len(seq.out.token_ids) < p.min_tokens:
+                kept = masked[r.min_stops].clone()
+                masked[r.min_stops] = float("-inf")
+                if bool(torch.isneginf(masked).all()):  # the grammar allows only stopping: vLLM lets it
+                    masked[r.min_stops] = kept
         if greedy is not None and seq.constraint is None:
             token = greedy  # picked for the whole batch by _decode (greedy or sampled)
         elif p.temperature < SAMPLING_EPS:
             token = int(masked.argmax())
         else:
-            token = _gumbel_pick(filter_logits((masked / p.temperature)[None], p.top_k, p.top_p)[0], g)
+            token = _gumbel_pick(filter_logits((masked / p.temperature)[None], p.top_k, p.top_p, p.min_p)[0], g)
         out = seq.out
         out.token_ids.append(token)
         if p.logprobs:
-            row = torch.log_softmax(logits, -1) if logp is None else logp
+            row = torch.log_softmax(logits if raw is None else raw, -1) if logp is None else logp
             out.logprobs.append(TokenIdLogprob(token, float(row[token]), _top(row, p.top_logprobs)))
         seq.next_token = token
         stop_ids = (() if p.ignore_eos else self.eos_ids) + p.stop_token_ids
@@ -542,14 +645,17 @@ class Scheduler:
         # Decoding the text costs more than the rest of a step; do it only for stop strings,
         # for a listener (streaming), and once at the end.
         live = bool(p.stop) or seq.request.on_token is not None
-        if token in stop_ids:
+        if token in stop_ids:  # masked before min_tokens, unless a grammar allowed nothing else
             out.finish_reason = "stop"
-            out.text = self.decode(out.token_ids[:-1])
+            out.text = self.decode(out.token_ids if p.include_stop_str_in_output else out.token_ids[:-1])
         else:
             if live:
                 out.text = self.decode(out.token_ids)
                 if p.stop:
-                    self._find_stop(seq)
+                    if len(out.token_ids) > p.min_tokens:
+                        self._find_stop(seq)
+                    else:  # vLLM looks for stop strings only in what follows min_tokens tokens
+                        seq.checked = len(out.text.rstrip("\ufffd"))
             if out.finish_reason is None:
                 if grammar_done:
                     out.finish_reason = "stop"
@@ -573,9 +679,11 @@ class Scheduler:
         text = out.text
         window = seq.request.stop_window or max(map(len, stops))
         start = max(0, seq.checked - window + 1)
-        hit = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
-        if hit >= 0:
-            out.text = text[:hit]
+        # The stop string that ends first (vLLM's rule; ties: the first listed).
+        found = [(i + len(s), i) for s in stops if (i := text.find(s, start)) >= 0]
+        if found:
+            end, hit = min(found, key=lambda f: f[0])
+            out.text = text[:end] if seq.request.params.include_stop_str_in_output else text[:hit]
             out.finish_reason = "stop"
             return
         # An incomplete UTF-8 character decodes as U+FFFD and changes with the next token.

@@ -57,6 +57,39 @@ __all__ = ["TorchEngine"]
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs (vLLM's default for legacy logprobs)
 
+# vLLM's further sampling fields that this engine implements, with vLLM's semantics (see
+# SamplingParams); ``chat``/``complete`` take them as keyword arguments (None: the default).
+VLLM_SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p",
+                 "min_tokens", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids")
+
+
+def sampling_extras(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """SamplingParams fields from vLLM-style keyword arguments; a name this engine does not
+    implement is a 400 naming it (never silently ignored). Values are checked at submit."""
+    out: dict[str, Any] = {}
+    for key, value in extra.items():
+        if key not in VLLM_SAMPLING:
+            raise BadRequest(f"{key} is not supported by the torch engine", param=key, code="unsupported_parameter")
+        if value is None:
+            continue
+        if key == "logit_bias":
+            if not isinstance(value, Mapping):
+                raise BadRequest("logit_bias must map token ids to biases", param=key)
+            biases: dict[int, Any] = {}
+            for token, bias in value.items():
+                try:
+                    biases[int(token)] = bias
+                except (TypeError, ValueError):
+                    raise BadRequest(f"logit_bias keys must be token ids, not {token!r}", param=key) from None
+            out[key] = tuple(biases.items())
+        elif key in ("stop_token_ids", "allowed_token_ids"):
+            if not isinstance(value, Sequence) or isinstance(value, str):
+                raise BadRequest(f"{key} must be a list of token ids", param=key)
+            out[key] = tuple(dict.fromkeys(value)) if key == "stop_token_ids" else tuple(value)
+        else:
+            out[key] = value
+    return out
+
 
 class TorchEngine:
     """In-process generation with a KV cache and continuous batching."""
@@ -66,7 +99,11 @@ class TorchEngine:
     def __init__(
         self, path: str | Path, *, device: str | None = None, max_batch: int = 64,
         max_len: int | None = None, name: str | None = None, threads: int | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
+        """``dtype``: of the weights (None: bfloat16 on a GPU, float32 on the CPU); ``max_len``:
+        the context cap in tokens, prompt and completion (None: the checkpoint's
+        ``max_position_embeddings``; more is refused)."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no Hugging Face checkpoint (config.json) in {path}")
@@ -76,14 +113,21 @@ class TorchEngine:
             # and the HTTP server need a core of their own, and an oversubscribed OpenMP pool
             # spins (measured on 2 cores: 1 thread 4.8k tok/s at batch 64, 2 threads 3.8k).
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if isinstance(dtype, str):
+            if dtype not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"dtype {dtype!r}: expected float32, bfloat16 or float16")
+            dtype = getattr(torch, dtype)
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.name = name or path.name
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [self.tokenizer.eos_token_id])
-        self.runner = LlamaRunner(self.model, slots=max_batch,
-                                  max_len=max_len or self.model.config.max_position_embeddings)
+        positions = int(self.model.config.max_position_embeddings)
+        if max_len is not None and not 0 < max_len <= positions:
+            raise BadRequest(f"max_model_len {max_len}: the checkpoint has {positions} positions; "
+                             f"give 1 to {positions}", param="max_model_len")
+        self.runner = LlamaRunner(self.model, slots=max_batch, max_len=max_len or positions)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         # Keep tool-call markers in the text (they are special tokens); drop turn markers.
         drop = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|pad|>")}
@@ -109,12 +153,36 @@ class TorchEngine:
             return self._grammars
 
     # -- text <-> tokens --------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of plain text, as a completion prompt is tokenized."""
-        return list(self.tokenizer.encode(text))
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of plain text, as a completion prompt is tokenized (``add_special_tokens``:
+        the tokenizer's own BOS and the like, as vLLM's field of that name)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """vLLM's ``/tokenizer_info``: the tokenizer's configuration (its init arguments
+        without file paths, special tokens as text), its class and its chat template."""
+        def plain(value: Any) -> Any:
+            if hasattr(value, "content"):  # an AddedToken
+                return value.content
+            if isinstance(value, Mapping):
+                return {str(k): plain(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [plain(v) for v in value]
+            return value if isinstance(value, str | int | float | bool) or value is None else str(value)
+
+        config = {k: v for k, v in dict(getattr(self.tokenizer, "init_kwargs", None) or {}).items()
+                  if k not in ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")}
+        info: dict[str, Any] = plain(config)
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if info.get(key) is None and getattr(self.tokenizer, key, None) is not None:
+                info[key] = str(getattr(self.tokenizer, key))
+        info["tokenizer_class"] = type(self.tokenizer).__name__
+        if getattr(self.tokenizer, "chat_template", None):
+            info["chat_template"] = self.tokenizer.chat_template
+        return info
 
     def piece(self, token_id: int) -> str:
         """One token's text (what logprobs report it as)."""
@@ -183,7 +251,7 @@ class TorchEngine:
         max_tokens: int | None = None, stop: str | Sequence[str] | None = None, seed: int | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None,
         response_format: Mapping[str, Any] | None = None, logprobs: bool = False, top_logprobs: int = 0,
-        top_k: int = 0, ignore_eos: bool = False,
+        top_k: int = 0, ignore_eos: bool = False, **extra: Any,
     ) -> tuple[list[int], SamplingParams, bool]:
         """(prompt ids, sampling params, whether to parse tool calls) for a chat request."""
         self._check(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
@@ -197,19 +265,20 @@ class TorchEngine:
             max_tokens=self._budget(len(prompt), max_tokens, "messages"), temperature=temperature,
             top_p=top_p, top_k=top_k or 0, seed=seed, n=n, stop=self._stops(stop),
             logprobs=bool(logprobs or top_logprobs), top_logprobs=top_logprobs or 0, grammar=grammar,
-            ignore_eos=ignore_eos)
+            ignore_eos=ignore_eos, **sampling_extras(extra))
         return prompt, params, plan.parse
 
     def _completion_request(
         self, prompt: str | Sequence[int], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
         max_tokens: int | None = 16, stop: str | Sequence[str] | None = None, seed: int | None = None,
         echo: bool = False, logprobs: int | None = None, top_k: int = 0, ignore_eos: bool = False,
+        add_special_tokens: bool = True, **extra: Any,
     ) -> tuple[list[int], str, SamplingParams]:
         """(prompt ids, prompt text, sampling params) for a legacy completion request."""
         self._check(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                     top_logprobs=logprobs or 0, top_k=top_k or 0, logprobs_param="logprobs")
         if isinstance(prompt, str):
-            ids, text = self.tokenize(prompt), prompt
+            ids, text = self.tokenize(prompt, add_special_tokens=add_special_tokens), prompt
         else:
             ids = list(prompt)
             if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
@@ -222,7 +291,7 @@ class TorchEngine:
             max_tokens=self._budget(len(ids), max_tokens, "prompt"), temperature=temperature, top_p=top_p,
             top_k=top_k or 0, seed=seed, n=n, stop=self._stops(stop), logprobs=want,
             top_logprobs=logprobs or 0, prompt_logprobs=(logprobs or 0) if echo and want else None,
-            ignore_eos=ignore_eos)
+            ignore_eos=ignore_eos, **sampling_extras(extra))
         return ids, text, params
 
     # -- chat -----------------------------------------------------------------------------------
@@ -231,13 +300,13 @@ class TorchEngine:
         max_tokens: int | None = None, stop: str | Sequence[str] | None = None, seed: int | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None,
         response_format: Mapping[str, Any] | None = None, logprobs: bool = False, top_logprobs: int = 0,
-        top_k: int = 0, ignore_eos: bool = False,
+        top_k: int = 0, ignore_eos: bool = False, **extra: Any,
     ) -> ChatCompletion:
         # Prepared in a worker: the template, tokenizing and a grammar compile never block the loop.
         prompt, params, parse = await asyncio.to_thread(
             self._chat_request, messages, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
             stop=stop, seed=seed, tools=tools, tool_choice=tool_choice, response_format=response_format,
-            logprobs=logprobs, top_logprobs=top_logprobs, top_k=top_k, ignore_eos=ignore_eos)
+            logprobs=logprobs, top_logprobs=top_logprobs, top_k=top_k, ignore_eos=ignore_eos, **extra)
         # Cancelling this await cancels the scheduler's future (wrap_future chains it back).
         result = await asyncio.wrap_future(self.scheduler.submit(prompt, params))
         return self.completion(result, tools=parse)
@@ -247,14 +316,14 @@ class TorchEngine:
         max_tokens: int | None = None, stop: str | Sequence[str] | None = None, seed: int | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None,
         response_format: Mapping[str, Any] | None = None, logprobs: bool = False, top_logprobs: int = 0,
-        top_k: int = 0, ignore_eos: bool = False, include_usage: bool = False,
+        top_k: int = 0, ignore_eos: bool = False, include_usage: bool = False, **extra: Any,
     ) -> AsyncIterator[dict[str, Any]]:
         """``chat.completion.chunk`` dicts. Arguments are checked now; the request is queued on
         the first ``__anext__`` (so a full queue raises there, before any chunk)."""
         prompt, params, parse = self._chat_request(
             messages, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
             tools=tools, tool_choice=tool_choice, response_format=response_format, logprobs=logprobs,
-            top_logprobs=top_logprobs, top_k=top_k, ignore_eos=ignore_eos)
+            top_logprobs=top_logprobs, top_k=top_k, ignore_eos=ignore_eos, **extra)
         return _stream.chat_chunks(self, prompt, params, parse=parse, include_usage=include_usage)
 
     def completion(self, result: RequestOutput, *, tools: bool) -> ChatCompletion:
@@ -288,12 +357,13 @@ class TorchEngine:
         self, prompt: str | list[int], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
         max_tokens: int | None = 16, stop: str | Sequence[str] | None = None, seed: int | None = None,
         echo: bool = False, logprobs: int | None = None, top_k: int = 0, ignore_eos: bool = False,
+        **extra: Any,
     ) -> dict[str, Any]:
         """An OpenAI ``text_completion`` object. ``echo`` prepends the prompt (with its logprobs
         when ``logprobs`` is set, scored by the same prefill); ``max_tokens=0`` only scores."""
         ids, text, params = await asyncio.to_thread(
             self._completion_request, prompt, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-            stop=stop, seed=seed, echo=echo, logprobs=logprobs, top_k=top_k, ignore_eos=ignore_eos)
+            stop=stop, seed=seed, echo=echo, logprobs=logprobs, top_k=top_k, ignore_eos=ignore_eos, **extra)
         result = await asyncio.wrap_future(self.scheduler.submit(ids, params))
         choices = []
         for out in result.outputs:
@@ -313,12 +383,12 @@ class TorchEngine:
         self, prompt: str | list[int], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
         max_tokens: int | None = 16, stop: str | Sequence[str] | None = None, seed: int | None = None,
         echo: bool = False, logprobs: int | None = None, top_k: int = 0, ignore_eos: bool = False,
-        include_usage: bool = False,
+        include_usage: bool = False, **extra: Any,
     ) -> AsyncIterator[dict[str, Any]]:
         """``text_completion`` chunks (checked now, queued on the first ``__anext__``)."""
         ids, text, params = self._completion_request(
             prompt, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
-            echo=echo, logprobs=logprobs, top_k=top_k, ignore_eos=ignore_eos)
+            echo=echo, logprobs=logprobs, top_k=top_k, ignore_eos=ignore_eos, **extra)
         return _stream.completion_chunks(self, ids, text if echo else None, params,
                                          include_usage=include_usage)
 

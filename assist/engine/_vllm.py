@@ -283,7 +283,9 @@ class VLLMServer:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", self.model_path, "--served-model-name", self.served_model_name,
                "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
-               "--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+               "--gpu-memory-utilization", str(self.gpu_memory_utilization),
+               # /tokenizer_info, which lm-eval's remote tokenizer reads (off by default in vLLM)
+               "--enable-tokenizer-info-endpoint"]
         if eager:  # torch.compile / CUDA graphs cost minutes at start and gain little on CPU
             cmd.append("--enforce-eager")
         if self.max_model_len:

@@ -16,7 +16,15 @@ from typing import Any, Protocol, cast
 from assist.errors import BadRequest, ContextLengthExceeded
 from assist.fanout import gather
 from assist.protocol import ChatModel, Messages
-from assist.server._protocol import ChatRequest, CompletionRequest, TokenizeRequest, chat_options
+from assist.server._protocol import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    chat_options,
+    refuse_unsupported,
+    vllm_sampling,
+)
 from assist.types import ChatCompletion
 
 __all__ = ["Backend", "EngineBackend", "OffloadedEngine", "TextLimits", "UpstreamBackend"]
@@ -31,6 +39,8 @@ class Backend(Protocol):
     async def complete(self, req: CompletionRequest) -> dict[str, Any]: ...
     def stream_complete(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]: ...
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]: ...
+    async def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]: ...
+    async def tokenizer_info(self) -> dict[str, Any]: ...
     def gauges(self) -> dict[str, float]: ...
     async def aclose(self) -> None: ...
 
@@ -123,11 +133,16 @@ class OffloadedEngine:
 
     async def tokenize(self, req: TokenizeRequest) -> list[int]:
         if req.messages is not None:
+            if req.add_special_tokens:
+                raise BadRequest("add_special_tokens is not supported with messages: the chat template "
+                                 "writes the special tokens", param="add_special_tokens")
             messages = _messages(req)
             self.limits.messages(messages)
             return cast(list[int], await asyncio.to_thread(self.engine.encode, messages))
         prompt = req.prompt or ""
         self.limits.text(prompt, "prompt")
+        if req.add_special_tokens is False:  # vLLM's default for a prompt is true
+            return cast(list[int], await asyncio.to_thread(self.engine.tokenize, prompt, False))
         return cast(list[int], await asyncio.to_thread(self.engine.tokenize, prompt))
 
 
@@ -147,7 +162,8 @@ class EngineBackend:
         self.model: ChatModel = cast(ChatModel, self.offloaded)
 
     def _chat_kwargs(self, req: ChatRequest) -> dict[str, Any]:
-        kw = chat_options(req)
+        refuse_unsupported(req)  # a field this engine would otherwise ignore
+        kw = chat_options(req) | vllm_sampling(req)
         kw.setdefault("temperature", 1.0)  # OpenAI's default when the field is absent
         if req.top_k and req.top_k > 0:
             kw["top_k"] = req.top_k
@@ -175,8 +191,11 @@ class EngineBackend:
             await stream.aclose()  # type: ignore[attr-defined]  # a client that left cancels its generation
 
     def _complete_kwargs(self, req: CompletionRequest) -> dict[str, Any]:
+        refuse_unsupported(req)
         kw: dict[str, Any] = {"n": req.n, "temperature": 1.0 if req.temperature is None else req.temperature,
-                              "echo": req.echo, "logprobs": req.logprobs}
+                              "echo": req.echo, "logprobs": req.logprobs, **vllm_sampling(req)}
+        if not req.add_special_tokens:
+            kw["add_special_tokens"] = False
         for key in ("top_p", "seed", "stop", "max_tokens"):
             if getattr(req, key) is not None:
                 kw[key] = getattr(req, key)
@@ -216,7 +235,19 @@ class EngineBackend:
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         tokens = await self.offloaded.tokenize(req)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context_length}
+        out: dict[str, Any] = {"tokens": tokens, "count": len(tokens), "max_model_len": self.context_length}
+        if req.return_token_strs:
+            out["token_strs"] = list(self.engine.tokenizer.convert_ids_to_tokens(tokens))
+        return out
+
+    async def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        vocab = getattr(self.engine, "vocab_size", None)
+        if vocab is not None and any(i >= vocab for i in req.tokens):
+            raise BadRequest(f"token ids must lie in [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(self.engine.detokenize, req.tokens)}
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.engine.tokenizer_info())
 
     def gauges(self) -> dict[str, float]:
         sched = getattr(self.engine, "scheduler", None)
@@ -267,6 +298,16 @@ class UpstreamBackend:
         body = req.model_dump(exclude_unset=True)
         body["model"] = self.remote.model
         return await self.remote.post("/tokenize", body)
+
+    async def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        body = req.model_dump(exclude_unset=True)
+        body["model"] = self.remote.model
+        return await self.remote.post("/detokenize", body)
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """The upstream's (vLLM serves it with ``--enable-tokenizer-info-endpoint``, which the
+        managed child of ``--engine vllm`` gets)."""
+        return await self.remote.get("/tokenizer_info")
 
     def gauges(self) -> dict[str, float]:
         out: dict[str, float] = {}

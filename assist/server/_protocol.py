@@ -2,7 +2,10 @@
 
 Unknown fields are accepted and ignored (lm-eval and other clients send leftovers), but
 every field we do read is checked, so a bad value is a 400 that names the parameter
-rather than a failure deep inside an engine.
+rather than a failure deep inside an engine. vLLM's sampling fields are read too (the
+torch engine implements them with vLLM's semantics); the vLLM fields it does not implement
+are refused by :func:`refuse_unsupported` when they ask for anything but their neutral
+value, so one request never means two things depending on the engine behind it.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ __all__ = [
     "MAX_STOP_CHARS",
     "ChatRequest",
     "CompletionRequest",
+    "DetokenizeRequest",
     "StreamOptions",
     "TokenizeRequest",
     "chat_options",
     "check_text",
+    "refuse_unsupported",
+    "vllm_sampling",
 ]
 
 MAX_N = 128  # choices per prompt
@@ -37,6 +43,7 @@ MAX_MESSAGES = 4096  # messages in one chat (pydantic stops counting at the limi
 MAX_TOOLS = 128  # tools in one chat (OpenAI's limit)
 MAX_STOP = 16  # stop sequences per request
 MAX_STOP_CHARS = 256  # characters per stop sequence (checked against every decoded token)
+MAX_TOKEN_LIST = 4096  # ids in stop_token_ids, allowed_token_ids or logit_bias
 MAX_INT = 2**31 - 1  # max_tokens, top_k and the like: beyond any context, and no overflow anywhere
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's range (a signed 64-bit integer)
 SEED_MOD = 2**63  # seeds are used as seed % 2**63: non-negative, and seed + i fits 64 bits
@@ -106,6 +113,35 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     strategy: str | None = None  # our extension: an inference-time strategy spec, e.g. "sc@8"
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    # OpenAI's penalties and vLLM's further sampling fields (vLLM's bounds and meaning)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_TOKEN_LIST)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0, le=MAX_INT)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_LIST)
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_TOKEN_LIST)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            try:
+                int(key)
+            except ValueError:
+                raise ValueError(f"keys must be token ids, not {key!r}") from None
+            if bias != bias or bias in (float("inf"), float("-inf")):
+                raise ValueError("biases must be finite numbers")
+        return v
+
+    @model_validator(mode="after")
+    def _min_tokens(self) -> _Sampling:
+        limit = getattr(self, "max_completion_tokens", None) or self.max_tokens
+        if self.min_tokens and limit is not None and self.min_tokens > limit:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be at most max_tokens ({limit})")
+        return self
 
     @field_validator("seed")
     @classmethod
@@ -175,6 +211,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(16, ge=0, le=MAX_INT)
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS and the like on a text prompt
 
     @field_validator("prompt")
     @classmethod
@@ -204,12 +241,78 @@ class TokenizeRequest(_Body):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # vLLM's: default true for a prompt, false for messages
+    return_token_strs: bool = False
 
     @model_validator(mode="after")
     def _one(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("token ids must be >= 0")
+        return v
+
+
+# vLLM's implemented sampling fields and their neutral values (left out of the engine call).
+VLLM_SAMPLING: dict[str, Any] = {
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {},
+    "min_p": 0.0, "min_tokens": 0, "stop_token_ids": [], "include_stop_str_in_output": False,
+    "allowed_token_ids": None,
+}
+
+# vLLM (and OpenAI) request fields the torch engine does not implement, with the values that
+# ask for nothing (None always does). Any other value is a 400 naming the field. Fields that
+# change no result (user, priority, request_id, cache_salt, stream_interval, length_penalty
+# without beam search, ...) are accepted as they are everywhere.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,), "best_of": (1,), "watermarking": (False,), "bad_words": ([],),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "truncate_prompt_tokens": (), "prompt_logprobs": (), "logprob_token_ids": ([],), "suffix": ("",),
+    "structured_outputs": (), "guided_json": (), "guided_regex": (), "guided_choice": (),
+    "guided_grammar": (), "guided_decoding_backend": (), "vllm_xargs": ({},), "repetition_detection": (),
+    "thinking_token_budget": (), "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
+    "return_token_offsets": (False,), "return_prompt_text": (False,), "prompt_embeds": (),
+    "mm_payload": (), "media_io_kwargs": ({},), "mm_processor_kwargs": ({},), "documents": ([],),
+    "chat_template": (), "chat_template_kwargs": ({},), "continue_final_message": (False,),
+    "reasoning_effort": (), "functions": (), "function_call": (), "audio": (), "modalities": (["text"],),
+    "prediction": (), "web_search_options": (),
+}
+CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "echo": (False,), "add_generation_prompt": (True,), "add_special_tokens": (False,),
+    "parallel_tool_calls": (True,),
+}
+
+
+def refuse_unsupported(req: BaseModel) -> None:
+    """A 400 naming the first field of ``req`` that the torch engine would otherwise ignore:
+    a vLLM or OpenAI field it does not implement, set to anything but its neutral value."""
+    extra = dict(req.model_extra or {})
+    table = {**UNSUPPORTED, **(CHAT_UNSUPPORTED if isinstance(req, ChatRequest) else {})}
+    for name, neutral in table.items():
+        if name in extra and extra[name] is not None and extra[name] not in neutral:
+            raise BadRequest(f"{name} is not supported by the torch engine (vLLM's engine takes it: serve with "
+                             f"--engine vllm)", param=name, code="unsupported_parameter")
+
+
+def vllm_sampling(req: _Sampling) -> dict[str, Any]:
+    """The vLLM sampling fields ``req`` sets to something other than their neutral value, as
+    the torch engine's keyword arguments."""
+    out: dict[str, Any] = {}
+    for name, neutral in VLLM_SAMPLING.items():
+        value = getattr(req, name)
+        if value is not None and value != neutral:
+            out[name] = value
+    return out
 
 
 def _is_text(value: Any) -> bool:

@@ -491,3 +491,15 @@ def test_any_64_bit_request_seed_runs_a_strategy():
         answers = [_post(url, "sc@2::assistant", seed=seed, max_tokens=8) for seed in (2**63 - 1, -(2**63), 7)]
     assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
     assert fake.calls[-1]["seed"] == 7  # ordinary seeds are passed on unchanged
+
+
+def test_a_strategy_request_refuses_sampling_fields_it_would_not_apply():
+    """sc@2 samples with its own options: a presence_penalty sent with it is a 400 naming the
+    field, not dropped in silence; the neutral value changes nothing and is accepted."""
+    with running_server(create_app(_Backend(FakeChatModel(replies=["#### 4"])))) as url:
+        body = {"model": "sc@2::assistant", "messages": [{"role": "user", "content": "2+2?"}],
+                "presence_penalty": 0.5}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty", r.text
+        body["presence_penalty"] = 0.0
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 200

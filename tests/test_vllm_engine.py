@@ -356,6 +356,35 @@ def test_owner_interrupted_while_vllm_starts_leaves_no_process(tmp_path: Path,
 
 
 @pytest.mark.slow
+def test_serving_over_vllm_appends_the_childs_own_metrics(engine: VLLMEngine) -> None:
+    # `assist serve --engine vllm`: our vllm:* series, then the child's, prefixed engine_.
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from assist.engine._vllm import VLLMClient
+    from assist.server import UpstreamBackend, create_app
+    from assist.testing import running_server
+
+    backend = UpstreamBackend(VLLMClient(engine.server), owned=engine.server)
+    app = create_app(backend, owns_backend=False, names=["assistant"])
+    body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 8, "temperature": 0}
+    with running_server(app) as url:
+        whole = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+        streamed = httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120)
+        assert streamed.status_code == 200 and '"usage"' not in streamed.text  # counted, not sent
+        text = httpx.get(url + "/metrics", timeout=30).text
+    families = [f.name for f in text_string_to_metric_families(text)]
+    assert len(families) == len(set(families))
+    samples = {(s.name, s.labels.get("model_name")): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    ours = samples[("vllm:generation_tokens_total", "assistant")]
+    assert ours >= whole["usage"]["completion_tokens"] + 1 and samples[("assist_engine_metrics_up", None)] == 1
+    assert samples[("engine_vllm:generation_tokens_total", engine.name)] >= ours  # the child saw them too
+    assert samples[("vllm:time_to_first_token_seconds_count", "assistant")] == 1
+    assert samples[("engine_vllm:time_to_first_token_seconds_count", engine.name)] >= 2
+
+
+@pytest.mark.slow
 def test_close_ends_every_process_of_the_server(engine: VLLMEngine) -> None:
     # Last in the file: it closes the module's shared server.
     pgid = engine.server.pid

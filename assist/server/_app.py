@@ -20,8 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from assist.errors import AssistError
 from assist.server._backend import Backend
-from assist.server._metrics import Metrics
-from assist.server._protocol import ChatRequest, CompletionRequest, TokenizeRequest, check_text
+from assist.server._metrics import CONTENT_TYPE, Metrics, engine_metrics
+from assist.server._protocol import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    check_text,
+)
 from assist.server._serving import ClientGone, Serving, StrategyResolver
 
 __all__ = ["create_app"]
@@ -31,7 +37,8 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
-ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/health", "/metrics"})
+ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
+                    "/tokenizer_info", "/version", "/health", "/metrics"})
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -251,11 +258,26 @@ def create_app(
         """Counted in admission like a generation: tokenizing is work (in a worker thread)."""
         check_text(body)
         serving.route(body.model, None)
-        weight = serving._admit()
-        try:
+        async with serving.admitted():
             return await backend.tokenize(body)
-        finally:
-            serving._release(weight)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's: ``{"tokens": [...]}`` -> ``{"prompt": text}`` (lm-eval's remote tokenizer)."""
+        serving.route(body.model, None)
+        async with serving.admitted():
+            return await backend.detokenize(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """vLLM's: the tokenizer's configuration (special tokens, class, chat template)."""
+        return await backend.tokenizer_info()
+
+    @app.get("/version")
+    async def version() -> dict[str, Any]:
+        from assist import __version__
+
+        return {"version": __version__}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -263,8 +285,11 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
+        """This server's series; under ``--engine vllm`` the child's own after them, each
+        name prefixed ``engine_`` (see :func:`engine_metrics`)."""
         gauges = {"requests_in_flight_limit": float(max_in_flight), "model_calls_in_flight": float(serving.units),
                   **backend.gauges()}
-        return PlainTextResponse(serving.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+        text = serving.metrics.render(gauges) + await engine_metrics(backend)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     return app

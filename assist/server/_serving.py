@@ -20,7 +20,9 @@ all checked before any work starts (a 400 naming the limit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -31,8 +33,14 @@ from starlette.requests import Request
 from assist.errors import AssistError, BadRequest, NotFound, Overloaded
 from assist.fanout import gather
 from assist.server._backend import Backend
-from assist.server._metrics import Metrics
-from assist.server._protocol import ChatRequest, CompletionRequest
+from assist.server._metrics import Metrics, Tracked
+from assist.server._protocol import (
+    ChatRequest,
+    CompletionRequest,
+    StreamOptions,
+    refuse_unsupported,
+    vllm_sampling,
+)
 
 __all__ = ["SEPARATOR", "ClientGone", "Serving", "StrategyResolver", "split_model"]
 
@@ -112,7 +120,7 @@ class Serving:
         self.resolver = resolver or _resolver(self.policy)
         limits = getattr(self.policy, "limits", None)
         self.max_calls = int(getattr(limits, "max_calls", MAX_CALLS))
-        self.metrics = Metrics()
+        self.metrics = Metrics(model_name=self.names[0])
         self.units = 0  # admitted model completions (worst case) in flight
         self.started = int(time.time())
         self.strategy_aliases = [a for a in strategy_aliases if self._serves(a)]
@@ -138,7 +146,7 @@ class Serving:
         heavier than the whole capacity runs alone (it waits for an idle server)."""
         weight = max(1, min(weight, self.max_in_flight))
         if self.units + weight > self.max_in_flight:
-            self.metrics.rejected += 1
+            self.metrics.rejected.inc()
             raise Overloaded(f"the server is at capacity ({self.units} of {self.max_in_flight} model calls in "
                              f"flight; this request needs {weight}); retry shortly", retry_after=1.0)
         self.units += weight
@@ -148,6 +156,16 @@ class Serving:
     def _release(self, weight: int = 1) -> None:
         self.units -= weight
         self.metrics.in_flight -= 1
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, weight: int = 1) -> AsyncIterator[None]:
+        """Hold ``weight`` units while the body runs (work that is not a generation, such as
+        tokenizing, still counts)."""
+        held = self._admit(weight)
+        try:
+            yield
+        finally:
+            self._release(held)
 
     async def _guarded(self, request: Request, work: Awaitable[T]) -> T:
         """Run ``work``; cancel it if the client disconnects first."""
@@ -168,7 +186,7 @@ class Serving:
         if task.done():
             return task.result()
         task.cancel()
-        self.metrics.cancelled += 1
+        self.metrics.cancelled.inc()
         # Wait for the cancellation to reach every sub-call, so the admission slot is
         # released when the engine work has stopped, not before.
         await asyncio.wait({task})
@@ -194,14 +212,16 @@ class Serving:
         name, strategy = self.route(req.model, req.strategy)
         if strategy is None:
             weight = self._admit(self._weigh(req.n, f"n={req.n}"))
+            track = self._track(req, None, req.n)
             if req.stream:
-                return await self._sse(self.backend.stream_chat(req), name, weight)
-            return await self._answer(request, self.backend.chat(req), name, weight)
+                return await self._sse(self.backend.stream_chat(req), name, weight, track)
+            return await self._answer(request, self.backend.chat(req), name, weight, track)
         runs, calls = self._plan(strategy, req)
         weight = self._admit(calls)
+        track = self._track(req, strategy, None)
         if req.stream:
-            return await self._sse(self._strategy_stream(runs, req, name, request), name, weight)
-        return await self._answer(request, self._run_strategy(runs, req, name), name, weight)
+            return await self._sse(self._strategy_stream(runs, req, name, request), name, weight, track)
+        return await self._answer(request, self._run_strategy(runs, req, name), name, weight, track)
 
     async def complete(self, req: CompletionRequest, request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
         name, strategy = self.route(req.model, req.strategy)
@@ -209,20 +229,35 @@ class Serving:
             raise BadRequest("strategies run on chat; use /v1/chat/completions", param="strategy")
         prompts = len(req.prompts())
         weight = self._admit(self._weigh(prompts * req.n, f"{prompts} prompt(s) x n={req.n}"))
+        track = self._track(req, None, prompts * req.n)
         if req.stream:
-            return await self._sse(self.backend.stream_complete(req), name, weight)
-        return await self._answer(request, self.backend.complete(req), name, weight)
+            return await self._sse(self.backend.stream_complete(req), name, weight, track)
+        return await self._answer(request, self.backend.complete(req), name, weight, track)
+
+    def _track(self, req: ChatRequest | CompletionRequest, strategy: Any, calls: int | None) -> Tracked:
+        """Start a request's metrics (``calls``: its model completions, when known now). A
+        stream always asks its source for usage, to count its tokens; when the client did not
+        ask, the usage is taken out of the chunks it is sent (:meth:`_event`)."""
+        track = self.metrics.track(strategy_label(strategy), calls)
+        track.hide_usage = bool(req.stream and not req.include_usage)
+        if track.hide_usage:
+            req.stream_options = StreamOptions(include_usage=True)
+        return track
 
     async def _answer(self, request: Request, work: Awaitable[dict[str, Any]], name: str,
-                      weight: int) -> dict[str, Any]:
+                      weight: int, track: Tracked) -> dict[str, Any]:
         """A whole (non-streamed) answer: run it until done or the client leaves, release the
         admission slot, name the model as the client asked for it, count its tokens."""
         try:
             body = await self._guarded(request, work)
+        except BaseException as exc:
+            track.fail(_outcome(exc))
+            raise
         finally:
             self._release(weight)
         body["model"] = name
-        self.metrics.count_usage(body.get("usage"))
+        track.answer(body)
+        track.done()
         return body
 
     def models(self) -> dict[str, Any]:
@@ -237,6 +272,13 @@ class Serving:
         call, its ``seed`` seeds run i with seed + i), and their worst-case model calls,
         checked against the limits: all before any work starts."""
         from strategies import bound_of, with_fields
+
+        # A strategy samples with its own settings: a sampling field it would not apply is
+        # refused, never dropped in silence (the engines apply every one of them).
+        refuse_unsupported(req)
+        for name in vllm_sampling(req):
+            raise BadRequest(f"{name} is not applied to a strategy's calls (a strategy samples with its own "
+                             "options); send it without a strategy", param=name, code="unsupported_parameter")
 
         def configured(i: int) -> Any:
             changes: dict[str, Any] = {}
@@ -294,42 +336,79 @@ class Serving:
             yield {**base, "choices": [], "usage": body["usage"]}
 
     # -- server-sent events -----------------------------------------------------------------
-    async def _sse(self, source: AsyncIterator[dict[str, Any]], name: str, weight: int) -> AsyncIterator[bytes]:
+    async def _sse(self, source: AsyncIterator[dict[str, Any]], name: str, weight: int,
+                   track: Tracked) -> AsyncIterator[bytes]:
         """Start the stream (errors before the first chunk are ordinary HTTP errors), then
         relay chunks as SSE; an error mid-stream becomes an ``error`` event."""
         try:
             first = await source.__anext__()
         except StopAsyncIteration:
             first = None
-        except BaseException:
+        except BaseException as exc:
+            track.fail(_outcome(exc))
             self._release(weight)
             await _close(source)
             raise
-        return self._events(source, first, name, weight)
+        return self._events(source, first, name, weight, track)
 
     async def _events(self, source: AsyncIterator[dict[str, Any]], first: dict[str, Any] | None,
-                      name: str, weight: int) -> AsyncIterator[bytes]:
+                      name: str, weight: int, track: Tracked) -> AsyncIterator[bytes]:
         finished = False
         try:
             if first is not None:
-                yield self._event(first, name)
+                if (event := self._event(first, name, track)) is not None:
+                    yield event
                 async for chunk in source:
-                    yield self._event(chunk, name)
+                    if (event := self._event(chunk, name, track)) is not None:
+                        yield event
             finished = True
+            track.done()
         except AssistError as exc:
             finished = True
+            track.fail("error")
             yield f"data: {json.dumps(exc.to_openai())}\n\n".encode()
         finally:
             if not finished:  # the client went away: the generator was closed mid-stream
-                self.metrics.cancelled += 1
+                self.metrics.cancelled.inc()
+                track.fail("abort")
             self._release(weight)
             await _close(source)
         yield b"data: [DONE]\n\n"
 
-    def _event(self, chunk: dict[str, Any], name: str) -> bytes:
+    def _event(self, chunk: dict[str, Any], name: str, track: Tracked) -> bytes | None:
+        """A chunk as an SSE event; None for a usage-only chunk the client did not ask for."""
         chunk["model"] = name
-        self.metrics.count_usage(chunk.get("usage"))
+        track.chunk(chunk)
+        if track.hide_usage and "usage" in chunk:
+            if not chunk.get("choices"):
+                return None
+            del chunk["usage"]
         return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+def strategy_label(strategy: Any) -> str:
+    """A bounded metrics label for a request's strategy: ``none`` for a plain request, else
+    the registered name its spec starts with (``sc`` for ``sc@8(cot)``), ``other`` when
+    that is not a registered strategy (a custom resolver's)."""
+    if strategy is None:
+        return "none"
+    match = re.match(r"[A-Za-z_][\w-]*", str(getattr(strategy, "spec", "") or ""))
+    try:
+        from strategies import REGISTRY
+    except ImportError:
+        return "other"
+    return match.group(0) if match and match.group(0) in REGISTRY else "other"
+
+
+def _outcome(exc: BaseException) -> str | None:
+    """How a request that failed after admission is counted: ``abort`` when its client
+    left or it was cancelled, ``error`` for a server-side failure, not at all for a request
+    the backend refused (a 4xx: it never ran, as vLLM does not count it either)."""
+    if isinstance(exc, ClientGone | asyncio.CancelledError):
+        return "abort"
+    if isinstance(exc, AssistError) and exc.status < 500:
+        return None
+    return "error"
 
 
 async def _close(source: AsyncIterator[Any]) -> None:

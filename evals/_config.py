@@ -57,11 +57,14 @@ class EvalConfig:
                                        "(see `assist eval ls`)")
     model: str | None = _f(None, "checkpoint folder to load in-process, e.g. runs/tiny/rlhf")
     engine: str = _f("torch", "in-process engine for --model", ("torch", "vllm"))
-    base_url: str | None = _f(None, "an OpenAI-compatible server instead, e.g. http://h:8000/v1")
+    base_url: str | None = _f(None, "an OpenAI-compatible server instead, e.g. http://h:8000/v1",
+                              env="OPENAI_BASE_URL", env_unless=("model",))
     model_name: str | None = _f(None, "model name on --base-url (default: the server's first)")
-    api_key: str | None = _f(None, "bearer key for --base-url")
+    api_key: str | None = _f(None, "bearer key for --base-url", env="OPENAI_API_KEY",
+                             env_needs=("base_url",))
     limit: int | None = _f(None, "evaluate the first N test items (default: all)")
-    samples: int = _f(1, "independent runs per item (K); run j is seeded --seed + j")
+    samples: int = _f(1, "independent runs per item (K), inspect's epochs; run j is seeded "
+                         "--seed + j", flags=("--samples", "--epochs"))
     concurrency: int = _f(8, "runs in flight at once")
     seed: int = _f(0, "base seed of the sampling strategies")
     max_tokens: int | None = _f(None, "max_tokens of every strategy that has the option")

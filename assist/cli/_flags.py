@@ -17,7 +17,13 @@ its ``metadata`` the rest. The metadata is plain dict keys, so a config in the c
 - ``positional`` (with ``nargs``): an argument, not a flag;
 - ``exclusive``: the name of a mutually exclusive group (``required_group`` makes one of
   the group required);
-- ``cli``: False keeps a field out of the command line (set from Python only).
+- ``cli``: False keeps a field out of the command line (set from Python only);
+- ``env``: an environment variable read when the flag is not given (``--help`` names it; a
+  given flag wins); with ``env_unless`` (field names) it is not read when one of those has
+  a value (``OPENAI_BASE_URL`` gives way to ``--model``), with ``env_needs`` only when all
+  of those have one (``OPENAI_API_KEY`` only with a base URL). An empty variable counts as
+  unset, except with ``env_empty``, where it is the value (so an empty ``ASSIST_API_KEY``
+  is refused as an empty ``--api-key`` is, not taken for no key).
 
 :func:`add_flags` adds the flags of a config to a parser; :func:`from_args` builds the config
 back from the parsed namespace. A bad value becomes argparse's one-line error naming the
@@ -28,13 +34,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["Parser", "add_flags", "float_at_least", "from_args", "int_at_least", "opt",
-           "standalone"]
+__all__ = ["Parser", "add_flags", "env_value", "float_at_least", "from_args", "int_at_least",
+           "opt", "standalone"]
 
 C = TypeVar("C")
 _MISSING: Any = dataclasses.MISSING
@@ -110,6 +117,20 @@ def _help(text: str, default: Any) -> str:
     return f"{text} (default: {str(shown).replace('%', '%%')})".strip()
 
 
+def _env_help(text: str, meta: Any) -> str:
+    return f"{text} (env: {meta['env']})".strip() if meta.get("env") else text
+
+
+def env_value(meta: Any) -> str | None:
+    """The value of the field's ``env`` variable (None: not named, unset, or empty without
+    ``env_empty``)."""
+    name = meta.get("env")
+    value = os.environ.get(name) if name else None
+    if value is None or (not value.strip() and not meta.get("env_empty")):
+        return None
+    return value
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, *, suppress: bool = False) -> None:
     """One flag (or argument) per field of the dataclass ``cls``. ``suppress`` leaves unset
     flags out of the namespace (for a parent parser whose subcommand declares the same)."""
@@ -122,7 +143,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, suppress: bool = Fa
         kind, many = _base_type(hints[f.name])
         default = _default(f)
         text = meta.get("help", "")
-        kw: dict[str, Any] = {"help": _help(text() if callable(text) else text, default)}
+        kw: dict[str, Any] = {"help": _env_help(_help(text() if callable(text) else text, default),
+                                                meta)}
         choices = meta.get("choices")
         if callable(choices):
             choices = tuple(choices())
@@ -145,9 +167,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, suppress: bool = Fa
         target: Any = parser
         if meta.get("exclusive"):
             name = meta["exclusive"]
-            if name not in groups:
-                groups[name] = parser.add_mutually_exclusive_group(
-                    required=bool(meta.get("required_group")))
+            if name not in groups:  # a group one of whose variables is set is not required
+                required = bool(meta.get("required_group")) and not any(
+                    env_value(g.metadata) is not None for g in dataclasses.fields(cls)
+                    if g.metadata.get("exclusive") == name)
+                groups[name] = parser.add_mutually_exclusive_group(required=required)
             target = groups[name]
         names = list(meta.get("flags") or ("--" + f.name.replace("_", "-"),))
         if kind is bool and not many:
@@ -175,6 +199,15 @@ def from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:
                 items = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
             value = items
         values[f.name] = value
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        meta = f.metadata
+        if values.get(f.name) is not None or (env := env_value(meta)) is None:
+            continue  # a given flag wins
+        if any(values.get(n) for n in meta.get("env_unless", ())):
+            continue
+        if not all(values.get(n) for n in meta.get("env_needs", ())):
+            continue
+        values[f.name] = env
     values.update(overrides)
     return cls(**values)
 
@@ -183,11 +216,12 @@ def standalone(add_parser: Callable[[Any], Any], argv: Sequence[str] | None,
                **defaults: Any) -> int:
     """Run one command module on its own (``python -m assist.cli.index index ...``), with the
     same parser ``assist.cli`` mounts."""
-    from assist.cli import run_parsed
+    from assist.cli import add_common_flags, run_parsed
 
     parser = Parser(prog="assist")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_parser(sub)
+    add_common_flags(parser)
     if defaults:
         parser.set_defaults(**defaults)
     return run_parsed(parser.parse_args(argv))

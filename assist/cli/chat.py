@@ -56,9 +56,11 @@ class ChatConfig:
     model: str | None = opt(None, "a Hugging Face checkpoint folder", metavar="PATH",
                             exclusive="where", required_group=True)
     base_url: str | None = opt(None, "an OpenAI-compatible server", metavar="URL",
-                               exclusive="where", required_group=True)
+                               exclusive="where", required_group=True, env="OPENAI_BASE_URL",
+                               env_unless=("model",))
     model_name: str | None = opt(None, "the server's model (with --base-url)", metavar="NAME")
-    api_key: str | None = opt(None, "bearer key for the server (with --base-url)", metavar="KEY")
+    api_key: str | None = opt(None, "bearer key for the server (with --base-url)", metavar="KEY",
+                              env="OPENAI_API_KEY", env_needs=("base_url",))
     strategy: str = opt("plain", "inference strategy, e.g. sc@8, reflect, tools (default: plain, "
                                  "streamed)", metavar="SPEC")
     system: str | None = opt(None, "a system prompt for the whole conversation", metavar="TEXT")

@@ -1,5 +1,9 @@
 """``assist serve``: the server's flags (generated from :class:`assist.server.ServeConfig`),
 their checks, and the run; the app, the serving and the backends live in :mod:`assist.server`.
+
+``ASSIST_API_KEY`` is the key when ``--api-key`` is not given (set but empty, it is refused as
+an empty ``--api-key`` is). With ``--engine vllm``, the arguments after ``--`` go to the vLLM
+server as they are: ``assist serve --model M --engine vllm -- --max-model-len 256``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
     cfg = from_args(ServeConfig, args)
     if cfg.api_key is not None and not cfg.api_key.strip():
-        raise BadRequest("--api-key is empty: give a key, or leave the flag out to serve without one",
+        where = "--api-key is empty" if getattr(args, "api_key", None) is not None else \
+            "ASSIST_API_KEY is set but empty"
+        raise BadRequest(f"{where}: give a key, or leave it out to serve without one",
                          param="--api-key")
     if bool(cfg.model) == bool(cfg.upstream):
         raise BadRequest("give exactly one of --model (serve a checkpoint) or --upstream (proxy a server)",
@@ -51,6 +57,14 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     for url in cfg.upstream:
         if not url.startswith(("http://", "https://")):
             raise BadRequest(f"--upstream {url}: expected an http(s) URL", param="--upstream")
+    if cfg.vllm_args and (cfg.engine != "vllm" or not cfg.model):
+        raise BadRequest(f"{' '.join(cfg.vllm_args)}: arguments after -- go to the vLLM server; "
+                         "they need --model and --engine vllm", param="--engine")
+    if cfg.upstream and (cfg.dtype != "auto" or cfg.max_model_len is not None):
+        raise BadRequest("--dtype and --max-model-len set up a checkpoint (--model), not --upstream",
+                         param="--dtype")
+    if cfg.max_model_len is not None and cfg.max_model_len < 1:
+        raise BadRequest(f"--max-model-len {cfg.max_model_len}: must be at least 1", param="--max-model-len")
     if not 0 < cfg.port < 65536:
         raise BadRequest(f"--port {cfg.port}: not a port", param="--port")
     _check_policy_flags(cfg)

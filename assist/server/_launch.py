@@ -15,7 +15,7 @@ from typing import Any
 from assist.errors import BadRequest
 from assist.server._backend import Backend, EngineBackend, UpstreamBackend
 
-__all__ = ["ServeConfig", "allowed_hosts", "build_backend", "build_policy", "serve"]
+__all__ = ["ServeConfig", "allowed_hosts", "build_backend", "build_policy", "serve", "vllm_options"]
 
 log = logging.getLogger("assist.server")
 
@@ -34,7 +34,8 @@ class ServeConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     api_key: str | None = field(default=None, metadata={
-        "help": "require this bearer key on every route but /health (/metrics and the docs included)"})
+        "help": "require this bearer key on every route but /health (/metrics and the docs included)",
+        "env": "ASSIST_API_KEY", "env_empty": True})
     public_metrics: bool = field(default=False, metadata={"help": "with --api-key: serve /metrics without the key"})
     public_docs: bool = field(default=False, metadata={
         "help": "with --api-key: serve /docs, /redoc and /openapi.json without the key"})
@@ -46,6 +47,12 @@ class ServeConfig:
         "help": "model calls accepted at once, each request counted at its worst case (n, prompts x n, "
                 "n x a strategy's calls); beyond: 429 + Retry-After"})
     max_batch: int = field(default=64, metadata={"help": "torch engine: sequences decoded together"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights' dtype, both engines (default: auto: the torch engine bfloat16 on a GPU, "
+                "float32 on the CPU; vllm float32)", "choices": ("auto", "float32", "bfloat16", "float16")})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "context length cap in tokens, prompt and completion together, both engines "
+                "(default: the checkpoint's max_position_embeddings)", "metavar": "N"})
     max_body_bytes: int = field(default=4 << 20, metadata={"help": "larger request bodies get 413"})
     access_log: bool = field(default=False, metadata={"help": "log every request (costs CPU per request)"})
     # The strategy policy: what a spec from a client may ask of this server (strategies._policy).
@@ -64,6 +71,12 @@ class ServeConfig:
         "help": "worst-case model calls of one request (n x its strategy's, prompts x n)"})
     max_total_tokens: int = field(default=65536, metadata={
         "help": "worst-case completion tokens of one strategy request (calls x max_tokens)"})
+    vllm_args: list[str] = field(default_factory=list, metadata={
+        "help": "after --: arguments for the vLLM server as they are (with --engine vllm; they come "
+                "last, so they win), e.g. -- --max-model-len 256 --swap-space 1",
+        "positional": True, "nargs": "*", "metavar": "-- VLLM_ARG"})
+    log_level: str = field(default="info", metadata={
+        "help": "uvicorn's log level (the command line's --log-level)", "cli": False})
 
 
 def _names(text: str | None) -> list[str]:
@@ -107,6 +120,17 @@ def allowed_hosts(cfg: ServeConfig) -> list[str] | None:
     return None
 
 
+def vllm_options(cfg: ServeConfig) -> dict[str, Any]:
+    """The :class:`assist.engine._vllm.VLLMServer` options ``--dtype`` and ``--max-model-len``
+    name (``auto``: the server's default); the arguments after ``--`` go as ``extra_args``."""
+    options: dict[str, Any] = {}
+    if cfg.dtype != "auto":
+        options["dtype"] = cfg.dtype
+    if cfg.max_model_len:
+        options["max_model_len"] = cfg.max_model_len
+    return options
+
+
 def build_backend(cfg: ServeConfig) -> Backend:
     """The backend ``cfg`` names; a vLLM child process is started here and owned by it."""
     from assist._remote import RemoteChatModel, list_models
@@ -125,12 +149,14 @@ def build_backend(cfg: ServeConfig) -> Backend:
     if cfg.engine == "vllm":
         from assist.engine._vllm import VLLMClient, VLLMServer
 
-        server = VLLMServer(cfg.model).start()
+        server = VLLMServer(cfg.model, extra_args=cfg.vllm_args, **vllm_options(cfg)).start()
         remote = VLLMClient(server)  # chat prompts go as ids encoded here: message text stays text
         return UpstreamBackend(remote, context_length=getattr(server, "max_model_len", None), owned=server)
     from assist.engine import TorchEngine
 
-    return EngineBackend(TorchEngine(cfg.model, max_batch=cfg.max_batch, name=cfg.served_model_name))
+    return EngineBackend(TorchEngine(cfg.model, max_batch=cfg.max_batch, name=cfg.served_model_name,
+                                     dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                                     max_len=cfg.max_model_len))
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -163,7 +189,7 @@ def serve(cfg: ServeConfig) -> None:
                          max_in_flight=cfg.max_in_flight, strategy_aliases=aliases, policy=policy,
                          public_metrics=cfg.public_metrics, public_docs=cfg.public_docs,
                          allowed_hosts=hosts)
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", access_log=cfg.access_log,
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log,
                     timeout_graceful_shutdown=5)
     finally:
         if policy is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,21 @@ ASSIST = [sys.executable, "-m", "assist.cli"]
 def run_assist(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*ASSIST, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, **(env or {})})
+
+
+def train_until_killed(line: str, *args: str) -> None:
+    """Start ``assist train ARGS`` and SIGKILL it as soon as it prints ``line`` (no timing guesses)."""
+    proc = subprocess.Popen([*ASSIST, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=REPO)
+    assert proc.stdout is not None
+    seen = []
+    for text in proc.stdout:
+        seen.append(text)
+        if line in text:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
 
 
 @pytest.fixture(scope="session")

@@ -182,17 +182,24 @@ def test_limits_are_named_and_checked_before_parsing_deep_specs():
     assert e.value.param == "max_total_tokens"
 
 
+def _bait(folder: Path) -> tuple[Path, Path, Path]:
+    """Files a server must never open for a client: a fifo (reading hangs), a foreign SQLite
+    database (a store would add its tables) and a Python file (a store would convert it)."""
+    fifo = folder / "fifo"
+    os.mkfifo(fifo)
+    foreign = folder / "other.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE t (x)")
+    plain = folder / "empty.py"
+    plain.write_text("print(1)\n")
+    return fifo, foreign, plain
+
+
 # -- 1, 6, 7: resources by name, loaded once; no client string is a path ---------------------------------
 def test_resource_options_are_names_never_paths(tmp_path: Path, kb: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(strategies.best_of_n, "_LOADED", {})
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    foreign = tmp_path / "other.db"
-    with sqlite3.connect(foreign) as db:
-        db.execute("CREATE TABLE t (x)")
+    fifo, foreign, plain = _bait(tmp_path)
     before = foreign.read_bytes()
-    plain = tmp_path / "empty.py"
-    plain.write_text("print(1)\n")
     policy = Policy()
     messages = set()
     for spec in (f"json:schema={fifo}", "json:schema=/dev/zero", f"rag:store={foreign}", f"rag:store={plain}",
@@ -266,14 +273,8 @@ def test_trusted_reward_model_paths_load_once_per_folder(monkeypatch: pytest.Mon
 
 
 def test_bad_resources_fail_at_start_and_stores_are_never_changed(tmp_path: Path):
-    foreign = tmp_path / "other.db"
-    with sqlite3.connect(foreign) as db:
-        db.execute("CREATE TABLE t (x)")
+    fifo, foreign, plain = _bait(tmp_path)
     before = foreign.read_bytes()
-    plain = tmp_path / "empty.py"
-    plain.write_text("print(1)\n")
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
     for resource in (f"store={foreign}", f"store={plain}", f"store={tmp_path / 'none.db'}", f"schema={fifo}",
                      "schema=/dev/zero", "bogus=x", "store:a,b=x", "store:=", f"rm={tmp_path}"):
         with pytest.raises(PolicyError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ASSIST, REPO, run_assist
+from tests.conftest import REPO, run_assist, train_until_killed
 
 pytestmark = pytest.mark.slow
 
 
 def _train_until(out: Path, line: str, *extra: str) -> None:
-    """Start a run and SIGKILL it as soon as it prints ``line`` (no timing guesses)."""
-    proc = subprocess.Popen([*ASSIST, "train", "--preset", "test", "--out", str(out), "--resume", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    assert proc.stdout is not None
-    seen = []
-    for text in proc.stdout:
-        seen.append(text)
-        if line in text:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    train_until_killed(line, "--preset", "test", "--out", str(out), "--resume", *extra)
 
 
 def _ledger(out: Path) -> dict:

@@ -7,8 +7,6 @@ import io
 import json
 import random
 import shutil
-import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from tests.conftest import ASSIST, REPO, run_assist
+from tests.conftest import run_assist, train_until_killed
 from training._loop import CheckpointError, Dist, StepOutput, load_checkpoint, seed_stage, train
 from training.config import OptimConfig, apply_overrides, preset
 from training.pipeline import RunError, run
@@ -51,18 +49,8 @@ def _assert_same_weights(a, b) -> None:
 
 def _train_until(out, line: str) -> None:
     """``assist train --resume`` of rm and rl in a new process, SIGKILLed once it prints ``line``."""
-    proc = subprocess.Popen([*ASSIST, "train", "--preset", "test", *[a for s in SMALL for a in ("--set", s)],
-                             "--stages", ",".join(LATE), "--out", str(out), "--resume"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    assert proc.stdout is not None
-    seen = []
-    for text in proc.stdout:
-        seen.append(text)
-        if line in text:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    train_until_killed(line, "--preset", "test", *[a for s in SMALL for a in ("--set", s)],
+                       "--stages", ",".join(LATE), "--out", str(out), "--resume")
 
 
 @pytest.mark.slow

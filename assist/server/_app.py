@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from assist.errors import AssistError
+from assist.errors import AssistError, BadRequest, Unauthorized
 from assist.server._backend import Backend
 from assist.server._metrics import CONTENT_TYPE, Metrics, engine_metrics
 from assist.server._protocol import (
@@ -45,6 +45,12 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
            headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error_response(exc: AssistError) -> JSONResponse:
+    """Any of our errors in OpenAI's shape, with ``Retry-After`` when it carries one."""
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if hasattr(exc, "retry_after") else None
+    return _error(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
 
 
 DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -103,13 +109,13 @@ class Edge:
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         headers = dict(scope.get("headers") or [])
         if self.allowed_hosts is not None and not host_allowed(headers.get(b"host"), self.allowed_hosts):
-            return _error(400, "The Host header names a host this server does not serve (see --allowed-hosts).",
-                          "invalid_request_error", param="Host", code="host_not_allowed")
+            return _error_response(BadRequest("The Host header names a host this server does not serve "
+                                              "(see --allowed-hosts).", param="Host", code="host_not_allowed"))
         if self.api_key is not None and scope["path"] not in self.open_paths:
             header = headers.get(b"authorization", b"")
             token = header[7:] if header[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(token, self.api_key.encode()):
-                return _error(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
+                return _error_response(Unauthorized("Incorrect API key provided.", code="invalid_api_key"))
         return None
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
@@ -209,8 +215,7 @@ def create_app(
 
     @app.exception_handler(AssistError)
     async def _assist_error(request: Request, exc: AssistError) -> JSONResponse:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if hasattr(exc, "retry_after") else None
-        return _error(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -276,9 +276,10 @@ class Serving:
         # A strategy samples with its own settings: a sampling field it would not apply is
         # refused, never dropped in silence (the engines apply every one of them).
         refuse_unsupported(req)
-        for name in vllm_sampling(req):
-            raise BadRequest(f"{name} is not applied to a strategy's calls (a strategy samples with its own "
-                             "options); send it without a strategy", param=name, code="unsupported_parameter")
+        unapplied = next(iter(vllm_sampling(req)), None)
+        if unapplied is not None:
+            raise BadRequest(f"{unapplied} is not applied to a strategy's calls (a strategy samples with its own "
+                             "options); send it without a strategy", param=unapplied, code="unsupported_parameter")
 
         def configured(i: int) -> Any:
             changes: dict[str, Any] = {}

@@ -243,6 +243,12 @@ class StrategyBase:
         that sets no ``max_tokens`` of its own is counted at ``max_tokens``."""
         return Bound(1, call_tokens(self, max_tokens))
 
+    def attempt_bound(self, max_tokens: int) -> Bound:
+        """The worst case of one attempt: a run of the ``inner`` strategy where there is one,
+        else one call of this strategy's own."""
+        inner = getattr(self, "inner", None)
+        return bound_of(inner, max_tokens) if inner is not None else StrategyBase.bound(self, max_tokens)
+
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         raise NotImplementedError
 

@@ -27,7 +27,6 @@ from strategies._base import (
     Recorder,
     Result,
     StrategyBase,
-    bound_of,
     check_common,
     gather,
     with_suffix,
@@ -78,9 +77,7 @@ class BestOfN(StrategyBase):
 
     def bound(self, max_tokens: int) -> Bound:
         """k candidates, each a run of the inner strategy."""
-        if self.inner is not None:
-            return bound_of(self.inner, max_tokens) * self.k
-        return super().bound(max_tokens) * self.k
+        return self.attempt_bound(max_tokens) * self.k
 
     def _scorer(self) -> Scorer:
         if self.scorer is not None:

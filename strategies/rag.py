@@ -37,7 +37,6 @@ from strategies._base import (
     Recorder,
     Result,
     StrategyBase,
-    bound_of,
     check_common,
 )
 from strategies._prompted import resolve_extractor
@@ -148,7 +147,7 @@ class Retrieve(StrategyBase):
 
     def bound(self, max_tokens: int) -> Bound:
         """One answer: a call, or a run of the inner strategy."""
-        return bound_of(self.inner, max_tokens) if self.inner is not None else super().bound(max_tokens)
+        return self.attempt_bound(max_tokens)
 
     def _searcher(self) -> SearchFn:
         if self.search is not None:

@@ -25,7 +25,6 @@ from strategies._base import (
     Recorder,
     Result,
     StrategyBase,
-    bound_of,
     check_common,
 )
 from strategies._prompted import resolve_extractor
@@ -65,8 +64,7 @@ class Reflect(StrategyBase):
 
     def bound(self, max_tokens: int) -> Bound:
         """The attempt (one call, or a run of the inner strategy), then one check per round."""
-        first = bound_of(self.inner, max_tokens) if self.inner is not None else super().bound(max_tokens)
-        return first + super().bound(max_tokens) * self.k
+        return self.attempt_bound(max_tokens) + super().bound(max_tokens) * self.k
 
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         try:

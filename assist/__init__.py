@@ -53,7 +53,8 @@ def load(path: str | Path, engine: str = "torch", **options: Any) -> ChatModel:
     """An in-process ChatModel over a Hugging Face checkpoint folder.
 
     ``engine="torch"``: the built-in engine (continuous batching, KV cache); options go to
-    :class:`assist.engine.TorchEngine` (``device``, ``max_batch``, ``max_len``, ``threads``).
+    :class:`assist.engine.TorchEngine` (``device``, ``max_batch``, ``max_len``, ``threads``,
+    ``prefix_cache_mb``).
     ``engine="vllm"``: a vLLM OpenAI server in a child process that this object owns (close
     it, or use ``with``); options go to :class:`assist.engine._vllm.VLLMEngine` (``port``,
     ``dtype``, ``max_model_len``, ``tool_parser``, ``extra_args``, ...). Needs

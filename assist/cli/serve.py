@@ -65,6 +65,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                          param="--dtype")
     if cfg.max_model_len is not None and cfg.max_model_len < 1:
         raise BadRequest(f"--max-model-len {cfg.max_model_len}: must be at least 1", param="--max-model-len")
+    if not cfg.prefix_cache_mb >= 0:
+        raise BadRequest(f"--prefix-cache-mb {cfg.prefix_cache_mb}: must be >= 0 (0: off)", param="--prefix-cache-mb")
     if not 0 < cfg.port < 65536:
         raise BadRequest(f"--port {cfg.port}: not a port", param="--port")
     _check_policy_flags(cfg)

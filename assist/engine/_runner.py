@@ -1,10 +1,11 @@
 """A lean forward pass over an HF Llama's own weights, with a preallocated KV cache.
 
-The cache is one tensor per layer, ``[slots, kv_heads, max_len, head_dim]``; a sequence
+The cache is ``[slots, kv_heads, max_len, head_dim]`` per layer (views of one tensor); a sequence
 owns a slot for its life. Active sequences are kept in slots ``0..B-1`` (the scheduler
 compacts them), so a decode step reads ``cache[:B, :, :L]`` as a view, with no gathering.
 Prefill writes a prompt's keys and values into its slot once; ``n`` samples of one prompt
-copy that slot instead of recomputing it.
+copy that slot instead of recomputing it, and a prompt whose prefix is in the prefix cache
+(:mod:`assist.engine._prefix_cache`) gets that prefix copied in and prefills only the rest.
 
 The arithmetic mirrors ``transformers``' Llama (RMSNorm in float32, rotary tables built
 the same way, SiLU-gated MLP), so greedy decoding matches it token for token.
@@ -49,9 +50,14 @@ class LlamaRunner:
         self.eps = cfg.rms_norm_eps
         self.slots = slots
         self.max_len = min(max_len, cfg.max_position_embeddings)
-        shape = (slots, self.n_kv, self.max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
+        # One tensor for every layer's keys and values ([layers x 2, slots, ...]; layer i's keys
+        # are plane 2i, its values 2i + 1), so copying a slot, or a prefix into or out of the
+        # prefix cache, is one indexed copy rather than two per layer.
+        layers = len(model.model.layers)
+        self.cache = torch.zeros((2 * layers, slots, self.n_kv, self.max_len, self.head_dim),
+                                 dtype=self.dtype, device=self.device)
+        self.k = [self.cache[2 * i] for i in range(layers)]  # contiguous views: [slots, kv, L, D]
+        self.v = [self.cache[2 * i + 1] for i in range(layers)]
         # Rotary tables, computed exactly as LlamaRotaryEmbedding does.
         inv_freq = model.model.rotary_emb.inv_freq.to(self.device, torch.float32)
         scale = getattr(model.model.rotary_emb, "attention_scaling", 1.0)
@@ -150,6 +156,13 @@ class LlamaRunner:
         return self.model.lm_head(h).float()
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        for k, v in zip(self.k, self.v, strict=True):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
+        self.cache[:, dst, :, :length] = self.cache[:, src, :, :length]
+
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """Slot ``slot``'s keys and values, ``[layers x 2, kv_heads, max_len, head_dim]`` (a view)."""
+        return self.cache[:, slot]
+
+    @property
+    def block_shape(self) -> tuple[int, int, int]:
+        """(planes, kv heads, head dim): a prefix-cache block's shape around its tokens."""
+        return int(self.cache.shape[0]), int(self.n_kv), int(self.head_dim)

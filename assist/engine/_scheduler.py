@@ -11,6 +11,12 @@ own constraint, which masks the logits before every sample, so the output is enf
 rather than hoped for. Reported logprobs stay those of the raw model distribution (vLLM's
 default ``raw_logprobs``): a forced token shows how unlikely the model found it.
 
+With a prefix cache (:mod:`assist.engine._prefix_cache`), a request's longest cached
+block-aligned prefix is copied into its slot and only the rest is prefilled (rows of one
+batched prefill start at their own positions); the prompt's full blocks are cached after
+its prefill, and a finished sequence's (prompt and answer) when it ends, so the next call
+of a conversation prefills only what is new.
+
 One request never fails the others: parameters are checked at ``submit`` (a bad one raises
 to its caller), each request's setup (seeded generators, any integer seed taken modulo
 2**63; grammar states) runs before it joins a prefill and fails only its own future, and
@@ -22,19 +28,36 @@ not the whole text times the stop strings.
 from __future__ import annotations
 
 import concurrent.futures
-import math
-import operator
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from assist.engine._params import (
+    SAMPLING_EPS,
+    Constraint,
+    ConstraintFactory,
+    EngineOverloaded,
+    RequestOutput,
+    SamplingParams,
+    SeqOutput,
+    TokenIdLogprob,
+    validate,
+)
+from assist.engine._prefix_cache import PrefixCache
 from assist.engine._runner import LlamaRunner
-from assist.errors import BadRequest, ContextLengthExceeded, Overloaded
+from assist.engine._sampling import (
+    Adjustments,
+    generator_seed,
+    gumbel_pick,
+    gumbel_rows,
+    top_logprobs,
+)
+from assist.errors import BadRequest, ContextLengthExceeded
 from assist.sampling import filter_logits
 
 __all__ = [
@@ -49,101 +72,9 @@ __all__ = [
 ]
 
 
-# Below this temperature sampling is greedy: dividing logits by ~0 overflows (vLLM's rule too).
-SAMPLING_EPS = 1e-5
-
-
-# Seeds are taken modulo 2**63 (what a torch generator holds), so any integer a client sends
-# seeds its request instead of failing the batch it joined; seeds below it are unchanged.
-SEED_MODULUS = 1 << 63
-
-
 # Padded tokens one batched prefill may hold: big enough to prefill a burst of requests
 # in one forward, small enough that one long prompt does not pad many short ones.
 PREFILL_TOKENS = 4096
-
-
-class EngineOverloaded(Overloaded):
-    """The waiting queue is full; retry later (HTTP 429 through :class:`assist.errors.Overloaded`)."""
-
-
-class Constraint(Protocol):
-    """One sequence's grammar state: masks logits in place, then follows the chosen token."""
-
-    def mask_(self, logits: torch.Tensor) -> None: ...
-    def accept(self, token: int) -> bool: ...
-    def is_terminated(self) -> bool: ...
-
-
-class ConstraintFactory(Protocol):
-    """A compiled grammar; ``new()`` starts a fresh constraint for one sequence."""
-
-    def new(self) -> Constraint: ...
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0
-    grammar: ConstraintFactory | None = None
-    prompt_logprobs: int | None = None  # None: not asked; k: each prompt token's logprob and top k
-    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; vLLM's field of the same name)
-    # vLLM's further sampling fields, with its semantics (vllm/v1/sample/sampler.py), applied
-    # in its order: allowed_token_ids, min_tokens, logit_bias, then the repetition, frequency
-    # and presence penalties (all before the greedy pick); min_p after the temperature.
-    presence_penalty: float = 0.0  # minus this for every token already generated
-    frequency_penalty: float = 0.0  # minus this times each token's count in the output
-    repetition_penalty: float = 1.0  # tokens of the prompt or output: logit / p if > 0, else x p
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added
-    min_p: float = 0.0  # sampling only: drop tokens below min_p x the likeliest's probability
-    min_tokens: int = 0  # no stop token (eos, stop_token_ids) or stop string before this many
-    include_stop_str_in_output: bool = False  # keep the stop string (or stop token's text)
-    allowed_token_ids: tuple[int, ...] | None = None  # sample only among these
-
-    @property
-    def adjusts(self) -> bool:
-        """Whether the logits are changed before the pick (penalties, biases, masks)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
-
-
-@dataclass
-class TokenIdLogprob:
-    """A sampled (or prompt) token's logprob by token id, with the top alternatives as
-    ``(id, logprob)``: the engine's raw reading, which the API layer turns into
-    :class:`assist.types.TokenLogprob` (text, bytes)."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class SeqOutput:
-    index: int
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    logprobs: list[TokenIdLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenIdLogprob | None] | None = None  # the request's, shared by its outputs
-
-
-@dataclass
-class RequestOutput:
-    prompt_tokens: int
-    outputs: list[SeqOutput]
-    queued_s: float = 0.0
-    total_s: float = 0.0
-    # One entry per prompt token; the first is None (nothing precedes it to predict it).
-    prompt_logprobs: list[TokenIdLogprob | None] | None = None
 
 
 @dataclass
@@ -160,12 +91,9 @@ class _Request:
     stop_window: int = 0  # the longest stop string's length
     pending: int = 0
     prompt_logprobs: list[TokenIdLogprob | None] | None = None
-    # Prepared once per request for SamplingParams.adjusts (vocabulary-sized tensors).
-    allowed: torch.Tensor | None = None  # bool: the allowed tokens
-    bias_ids: torch.Tensor | None = None
-    bias_values: torch.Tensor | None = None
-    in_prompt: torch.Tensor | None = None  # bool: tokens of the prompt (repetition penalty)
-    min_stops: torch.Tensor | None = None  # ids masked until min_tokens
+    adjust: Adjustments | None = None  # prepared once, for SamplingParams.adjusts
+    cached: int = 0  # prompt tokens copied from the prefix cache
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
 
 
 @dataclass
@@ -182,7 +110,7 @@ def _resolve(request: _Request) -> None:
     """Hand the result over, unless the caller cancelled meanwhile (a race with its thread)."""
     now = time.perf_counter()
     result = RequestOutput(len(request.prompt), request.outputs, request.started - request.arrived,
-                           now - request.arrived, request.prompt_logprobs)
+                           now - request.arrived, request.prompt_logprobs, request.cached)
     try:
         request.future.set_result(result)
     except concurrent.futures.InvalidStateError:
@@ -196,82 +124,21 @@ def _fail(future: concurrent.futures.Future[RequestOutput], exc: BaseException) 
         pass
 
 
-def _gumbel(size: int, g: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    u = torch.rand(size, generator=g, device=device).clamp_(min=1e-20)
-    return -torch.log(-torch.log(u))
-
-
-def _gumbel_pick(logits: torch.Tensor, g: torch.Generator | None) -> int:
-    """A sample of softmax(logits) by the Gumbel-max trick (what _sample_rows does in batch)."""
-    return int((logits + _gumbel(logits.shape[-1], g, logits.device)).argmax())
-
-
 def _alone(p: SamplingParams) -> bool:
     """Requests that prefill on their own: prompt scoring needs every position's logits."""
     return p.prompt_logprobs is not None or p.max_tokens == 0
 
 
-def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
-    if k <= 0:
-        return []
-    values, ids = torch.topk(logp, k)
-    return list(zip(ids.tolist(), values.tolist(), strict=True))
-
-
-def _validate(p: SamplingParams, vocab_size: int) -> None:
-    """Refuse parameters no request may carry (each named), before the request is queued."""
-    def whole(name: str, value: object, low: int, high: int | None = None) -> None:
-        if type(value) is not int or value < low or (high is not None and value > high):
-            bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-            raise BadRequest(f"{name} must be an integer {bound}, not {value!r}", param=name)
-
-    def real(name: str, value: object, ok: Callable[[float], bool], what: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                or not ok(value):
-            raise BadRequest(f"{name} must be {what}, not {value!r}", param=name)
-
-    whole("n", p.n, 1)
-    whole("max_tokens", p.max_tokens, 0)
-    whole("top_k", p.top_k, 0)
-    whole("top_logprobs", p.top_logprobs, 0, vocab_size)
-    if p.prompt_logprobs is not None:
-        whole("prompt_logprobs", p.prompt_logprobs, 0, vocab_size)
-    real("temperature", p.temperature, lambda v: v >= 0, "a finite number >= 0")
-    real("top_p", p.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
-    if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int)):
-        raise BadRequest(f"seed must be an integer, not {p.seed!r}", param="seed")
-    if not isinstance(p.stop, tuple | list) or not all(isinstance(x, str) and x for x in p.stop):
-        raise BadRequest("stop must be non-empty strings", param="stop")
-    if not all(type(i) is int for i in p.stop_token_ids):
-        raise BadRequest("stop_token_ids must be integers", param="stop_token_ids")
-    real("presence_penalty", p.presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")
-    real("frequency_penalty", p.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")
-    real("repetition_penalty", p.repetition_penalty, lambda v: v > 0, "a finite number > 0")
-    real("min_p", p.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
-    whole("min_tokens", p.min_tokens, 0, p.max_tokens if p.max_tokens > 0 else None)
-    for i, b in p.logit_bias:
-        whole("logit_bias", i, 0, vocab_size - 1)
-        real("logit_bias", b, lambda v: True, "a finite number")
-    if p.allowed_token_ids is not None:
-        if not p.allowed_token_ids:
-            raise BadRequest("allowed_token_ids must not be empty", param="allowed_token_ids")
-        for i in p.allowed_token_ids:
-            whole("allowed_token_ids", i, 0, vocab_size - 1)
-
-
-def _seed(seed: int | None, i: int) -> int:
-    """Sample ``i``'s generator seed: any integer, reduced to what a generator holds."""
-    if seed is None:
-        return torch.seed() % (1 << 62)
-    return (operator.index(seed) + i) % SEED_MODULUS
-
-
 class Scheduler:
     def __init__(
-        self, runner: LlamaRunner, decode: Callable[[Sequence[int]], str], eos_ids: Sequence[int],
-        max_waiting: int = 1024,
+        self, runner: LlamaRunner, decode: Callable[..., str], eos_ids: Sequence[int],
+        max_waiting: int = 1024, prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.runner = runner
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.capacity else None
+        # Prompt tokens, in tokens: submitted, actually computed by a prefill, and the prefix
+        # cache's queries and hits (vLLM's prefix_cache_queries / prefix_cache_hits).
+        self.prompt_tokens = self.prefilled_tokens = self.prefix_queries = self.prefix_hits = 0
         self.decode = decode
         self.eos_ids = tuple(eos_ids)
         self.max_waiting = max_waiting
@@ -299,7 +166,7 @@ class Scheduler:
             raise BadRequest("the prompt is empty", param="prompt")
         if not all(type(i) is int and 0 <= i < self.vocab_size for i in prompt):
             raise BadRequest(f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
-        _validate(params, self.vocab_size)
+        validate(params, self.vocab_size)
         if params.n > self.runner.slots:
             raise BadRequest(f"n={params.n} exceeds the engine's {self.runner.slots} slots", param="n")
         # Scoring a prompt (max_tokens=0) may fill the whole context; generating needs room.
@@ -408,68 +275,33 @@ class Scheduler:
                 g = None
                 if p.temperature >= SAMPLING_EPS:
                     g = torch.Generator(device=self.runner.device)
-                    g.manual_seed(_seed(p.seed, i))
+                    g.manual_seed(generator_seed(p.seed, i))
                 request.generators.append(g)
                 request.constraints.append(p.grammar.new() if p.grammar is not None else None)
             request.stop_window = max(map(len, p.stop), default=0)
             if p.adjusts:
-                self._prepare_adjust(request)
+                lm_head: Any = self.runner.model.lm_head
+                request.adjust = Adjustments.build(p, request.prompt, int(lm_head.weight.shape[0]),
+                                                   self.eos_ids, self.runner.device)
         except Exception as exc:  # noqa: BLE001 - one request's parameters fail that request only
             _fail(request.future, exc)
             return False
         return True
 
-    def _prepare_adjust(self, request: _Request) -> None:
-        p, device = request.params, self.runner.device
-        lm_head: Any = self.runner.model.lm_head
-        width = int(lm_head.weight.shape[0])  # the logits' width
-        if p.allowed_token_ids is not None:
-            request.allowed = torch.zeros(width, dtype=torch.bool, device=device)
-            request.allowed[list(p.allowed_token_ids)] = True
-        if p.logit_bias:
-            request.bias_ids = torch.tensor([i for i, _ in p.logit_bias], device=device)
-            request.bias_values = torch.tensor([min(100.0, max(-100.0, float(b))) for _, b in p.logit_bias],
-                                               device=device)
-        if p.repetition_penalty != 1.0:
-            request.in_prompt = torch.zeros(width, dtype=torch.bool, device=device)
-            request.in_prompt[request.prompt] = True
-        if p.min_tokens:
-            # vLLM's all_stop_token_ids: the eos ids (even under ignore_eos) and stop_token_ids
-            request.min_stops = torch.tensor(sorted(set(self.eos_ids) | set(p.stop_token_ids)), device=device)
-
     @staticmethod
     def _adjust(seq: _Seq, row: torch.Tensor) -> torch.Tensor:
-        """One sequence's logits after allowed_token_ids, min_tokens (unconstrained rows:
-        a grammar's are masked after its own mask, in _accept), logit_bias and the penalties,
-        as vLLM's sampler applies them. ``row`` is changed in place (a copy of the raw one)."""
-        r, p = seq.request, seq.request.params
-        if r.allowed is not None:
-            row.masked_fill_(~r.allowed, float("-inf"))
-        if r.min_stops is not None and seq.constraint is None and len(seq.out.token_ids) < p.min_tokens:
-            row[r.min_stops] = float("-inf")
-        if r.bias_ids is not None and r.bias_values is not None:
-            row[r.bias_ids] += r.bias_values
-        out = seq.out.token_ids
-        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            counts = torch.bincount(torch.tensor(out, dtype=torch.long, device=row.device),
-                                    minlength=row.shape[-1])[: row.shape[-1]].to(row.dtype)
-            seen = counts > 0
-            if p.repetition_penalty != 1.0:
-                assert r.in_prompt is not None
-                hit = r.in_prompt | seen
-                scale = torch.where(row > 0, 1.0 / p.repetition_penalty, p.repetition_penalty)
-                row.mul_(torch.where(hit, scale, torch.ones_like(scale)))
-            if p.frequency_penalty:
-                row.sub_(p.frequency_penalty * counts)
-            if p.presence_penalty:
-                row.sub_(p.presence_penalty * seen.to(row.dtype))
-        return row
+        adjust = seq.request.adjust
+        if adjust is None:
+            return row
+        return adjust.apply_(row, seq.out.token_ids, constrained=seq.constraint is not None)
 
     def _start(self, request: _Request) -> None:
         """Prefill one request (scoring its prompt when asked) and sample its first tokens."""
         request.started = time.perf_counter()
         p = request.params
         base = len(self.active)
+        self.prompt_tokens += len(request.prompt)
+        self.prefilled_tokens += len(request.prompt)  # scoring needs every position: no cache
         device = self.runner.device
         tokens = torch.tensor([request.prompt], device=device)
         positions = torch.arange(len(request.prompt), device=device)[None]
@@ -497,14 +329,39 @@ class Scheduler:
         for r in requests:
             r.started = now
         device = self.runner.device
-        lengths = [len(r.prompt) for r in requests]
-        width = max(lengths)
-        tokens = torch.tensor([r.prompt + [r.prompt[-1]] * (width - len(r.prompt)) for r in requests],
-                              device=device)
-        positions = torch.arange(width, device=device).expand(len(requests), width)
-        last = torch.tensor([n - 1 for n in lengths], device=device)
-        logits = self.runner.forward(tokens, positions, len(self.active), last=last)
+        base = len(self.active)
+        for b, r in enumerate(requests):
+            self._reuse(r, base + b)
+        suffixes = [r.prompt[r.cached:] for r in requests]
+        width = max(map(len, suffixes))
+        tokens = torch.tensor([x + [x[-1]] * (width - len(x)) for x in suffixes], device=device)
+        # Row b's tokens sit after its cached prefix; padding past the context's end is clamped
+        # onto its last position (junk there is overwritten before any query reads it).
+        starts = torch.tensor([[r.cached] for r in requests], device=device)
+        positions = (starts + torch.arange(width, device=device)).clamp_(max=self.runner.max_len - 1)
+        last = torch.tensor([len(x) - 1 for x in suffixes], device=device)
+        logits = self.runner.forward(tokens, positions, base, last=last)
+        if self.prefix_cache is not None:  # later requests (and this one's next call) reuse them
+            self.prefix_cache.store_many([(r.keys, base + b) for b, r in enumerate(requests)], self.runner.cache)
         self._spawn(requests, logits)
+
+    def _reuse(self, request: _Request, slot: int) -> None:
+        """Copy the longest cached prefix of ``request``'s prompt into ``slot``: a whole number
+        of blocks, leaving at least one token to prefill (its logits pick the first token)."""
+        n = len(request.prompt)
+        self.prompt_tokens += n
+        cache = self.prefix_cache
+        if cache is not None:
+            request.keys = cache.hashes(request.prompt)
+            ids = cache.lookup(request.keys, (n - 1) // cache.block_size)
+            try:
+                cache.load(ids, self.runner.slot_view(slot))
+            finally:
+                cache.release(ids)
+            request.cached = len(ids) * cache.block_size
+            self.prefix_queries += n
+            self.prefix_hits += request.cached
+        self.prefilled_tokens += n - request.cached
 
     def _spawn(self, requests: list[_Request], logits: torch.Tensor) -> None:
         """Sequences for freshly prefilled requests, whose caches sit in the next slots (one
@@ -531,7 +388,7 @@ class Scheduler:
         for seq in self.active[base:]:
             try:
                 raw = logits[rows[id(seq)]]
-                row = self._adjust(seq, raw.clone()) if seq.request.params.adjusts else raw
+                row = self._adjust(seq, raw.clone())
                 self._accept(seq, row, seq.request.generators[seq.out.index], raw=raw)
             except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others
                 seq.out.finish_reason = "error"
@@ -594,8 +451,8 @@ class Scheduler:
         for (temperature, top_k, top_p, min_p), rows in groups.items():
             try:
                 filtered = filter_logits(logits[rows] / temperature, top_k, top_p, min_p)
-                noise = torch.stack([_gumbel(logits.shape[-1], self.active[i].request.generators[
-                    self.active[i].out.index], logits.device) for i in rows])
+                noise = gumbel_rows([self.active[i].request.generators[self.active[i].out.index] for i in rows],
+                                     logits.shape[-1], logits.device)
                 tokens = (filtered + noise).argmax(-1).tolist()
             except Exception as exc:  # noqa: BLE001 - these rows' requests fail, not the batch
                 for i in rows:
@@ -619,23 +476,23 @@ class Scheduler:
         if seq.constraint is not None:
             masked = logits.clone()  # the raw row stays intact for the reported logprobs
             seq.constraint.mask_(masked)
-            r = seq.request
-            if r.min_stops is not None and len(seq.out.token_ids) < p.min_tokens:
-                kept = masked[r.min_stops].clone()
-                masked[r.min_stops] = float("-inf")
+            stops = seq.request.adjust.min_stops if seq.request.adjust is not None else None
+            if stops is not None and len(seq.out.token_ids) < p.min_tokens:
+                kept = masked[stops].clone()
+                masked[stops] = float("-inf")
                 if bool(torch.isneginf(masked).all()):  # the grammar allows only stopping: vLLM lets it
-                    masked[r.min_stops] = kept
+                    masked[stops] = kept
         if greedy is not None and seq.constraint is None:
             token = greedy  # picked for the whole batch by _decode (greedy or sampled)
         elif p.temperature < SAMPLING_EPS:
             token = int(masked.argmax())
         else:
-            token = _gumbel_pick(filter_logits((masked / p.temperature)[None], p.top_k, p.top_p, p.min_p)[0], g)
+            token = gumbel_pick(filter_logits((masked / p.temperature)[None], p.top_k, p.top_p, p.min_p)[0], g)
         out = seq.out
         out.token_ids.append(token)
         if p.logprobs:
             row = torch.log_softmax(logits if raw is None else raw, -1) if logp is None else logp
-            out.logprobs.append(TokenIdLogprob(token, float(row[token]), _top(row, p.top_logprobs)))
+            out.logprobs.append(TokenIdLogprob(token, float(row[token]), top_logprobs(row, p.top_logprobs)))
         seq.next_token = token
         stop_ids = (() if p.ignore_eos else self.eos_ids) + p.stop_token_ids
         # A grammar ends the sequence once complete (its stop token accepted), and a token it
@@ -647,10 +504,10 @@ class Scheduler:
         live = bool(p.stop) or seq.request.on_token is not None
         if token in stop_ids:  # masked before min_tokens, unless a grammar allowed nothing else
             out.finish_reason = "stop"
-            out.text = self.decode(out.token_ids if p.include_stop_str_in_output else out.token_ids[:-1])
+            out.text = self._text(out.token_ids if p.include_stop_str_in_output else out.token_ids[:-1], p)
         else:
             if live:
-                out.text = self.decode(out.token_ids)
+                out.text = self._text(out.token_ids, p)
                 if p.stop:
                     if len(out.token_ids) > p.min_tokens:
                         self._find_stop(seq)
@@ -662,12 +519,17 @@ class Scheduler:
                 elif len(out.token_ids) >= p.max_tokens or seq.length + 1 >= self.runner.max_len:
                     out.finish_reason = "length"
                 if out.finish_reason is not None and not live:
-                    out.text = self.decode(out.token_ids)
+                    out.text = self._text(out.token_ids, p)
         if seq.request.on_token is not None:
             try:
                 seq.request.on_token(token, out)
             except Exception as exc:  # noqa: BLE001 - a broken listener fails its request only
                 _fail(seq.request.future, exc)
+
+    def _text(self, ids: Sequence[int], p: SamplingParams) -> str:
+        """The text of ``ids``; ``decode(ids, True)`` leaves special tokens out (a one-argument
+        ``decode``, as tests pass, serves requests that keep them)."""
+        return self.decode(ids, True) if p.skip_special_tokens else self.decode(ids)
 
     @staticmethod
     def _find_stop(seq: _Seq) -> None:
@@ -692,8 +554,27 @@ class Scheduler:
             settled -= 1
         seq.checked = settled
 
+    def _keep(self) -> None:
+        """Cache finished sequences' full blocks (prompt and answer), so a follow-up call that
+        repeats a conversation prefills only what is new: all of this step's at once."""
+        cache = self.prefix_cache
+        assert cache is not None
+        chains: list[tuple[list[bytes], int]] = []
+        for slot, seq in enumerate(self.active):
+            if seq.out.finish_reason not in ("stop", "length"):
+                continue
+            r = seq.request
+            # The slot holds the prompt and every answer token but the last (sampled, never fed).
+            tokens = r.prompt + seq.out.token_ids[:seq.length - len(r.prompt)]
+            if len(tokens) // cache.block_size > len(r.keys):
+                chains.append((cache.hashes(tokens, r.keys), slot))
+        if chains:
+            cache.store_many(chains, self.runner.cache)
+
     def _sweep(self) -> None:
         """Release finished or cancelled sequences; compact the batch; resolve requests."""
+        if self.prefix_cache is not None:
+            self._keep()  # before compaction moves slots
         i = 0
         while i < len(self.active):
             s = self.active[i]

@@ -181,6 +181,7 @@ async def chat_chunks(engine: TorchEngine, prompt: list[int], params: SamplingPa
     pending: list[list[TokenIdLogprob]] = [[] for _ in range(params.n)]
     done: set[int] = set()
     used = [0] * params.n
+    cached = 0
     async with contextlib.aclosing(_events(engine, prompt, params)) as events:
         async for ev in events:
             if ev is None:  # queued: each choice opens with its role
@@ -188,6 +189,7 @@ async def chat_chunks(engine: TorchEngine, prompt: list[int], params: SamplingPa
                     yield chunk(i, {"role": "assistant", "content": ""})
                 continue
             if isinstance(ev, RequestOutput):  # outputs that never produced a token (max_tokens=0)
+                cached = ev.cached_tokens
                 for out in ev.outputs:
                     if out.index not in done:
                         yield chunk(out.index, {}, out.finish_reason or "length")
@@ -217,7 +219,7 @@ async def chat_chunks(engine: TorchEngine, prompt: list[int], params: SamplingPa
             yield chunk(i, {}, "tool_calls" if calls else ev.finish_reason, logprobs=lps[:])
     if include_usage:
         usage = {"prompt_tokens": len(prompt), "completion_tokens": sum(used),
-                 "total_tokens": len(prompt) + sum(used)}
+                 "total_tokens": len(prompt) + sum(used), "prompt_tokens_details": {"cached_tokens": cached}}
         yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
                "choices": [], "usage": usage}
 
@@ -260,6 +262,7 @@ async def completion_chunks(engine: TorchEngine, prompt: list[int], echo: str | 
     offsets = [0] * params.n
     opened: set[int] = set()
     used = [0] * params.n
+    cached = 0
 
     def emit(i: int, text: str, finish: str | None = None,
              prompt_lp: Sequence[TokenIdLogprob | None] | None = None) -> dict[str, Any]:
@@ -281,6 +284,7 @@ async def completion_chunks(engine: TorchEngine, prompt: list[int], echo: str | 
             if ev is None:
                 continue
             if isinstance(ev, RequestOutput):  # max_tokens=0: the echo (and its scores) is all
+                cached = ev.cached_tokens
                 for out in ev.outputs:
                     if out.index not in opened and (first := open_(out.index, ev.prompt_logprobs)):
                         yield first
@@ -300,6 +304,6 @@ async def completion_chunks(engine: TorchEngine, prompt: list[int], echo: str | 
             yield emit(i, gates[i].rest(ev.text), ev.finish_reason)
     if include_usage:
         usage = {"prompt_tokens": len(prompt), "completion_tokens": sum(used),
-                 "total_tokens": len(prompt) + sum(used)}
+                 "total_tokens": len(prompt) + sum(used), "prompt_tokens_details": {"cached_tokens": cached}}
         yield {"id": cid, "object": "text_completion", "created": created, "model": engine.name,
                "choices": [], "usage": usage}

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from assist.chat_format import ChatEncoder, content_text
 from assist.engine import _stream
 from assist.engine._grammar import Grammar, GrammarCache, parse_calls, plan_tools
+from assist.engine._prefix_cache import PrefixCache
 from assist.engine._runner import LlamaRunner
 from assist.engine._scheduler import RequestOutput, SamplingParams, Scheduler, TokenIdLogprob
 from assist.errors import BadRequest, ContextLengthExceeded
@@ -47,6 +48,7 @@ from assist.types import (
     ChoiceLogprobs,
     FunctionCall,
     Message,
+    PromptTokensDetails,
     TokenLogprob,
     ToolCall,
     TopLogprob,
@@ -55,12 +57,18 @@ from assist.types import (
 
 __all__ = ["TorchEngine"]
 
+# The prefix cache's default budget: on, since greedy answers are the same with it and a
+# request that shares no prefix pays only hashing and a copy of its blocks (bench/prefix_cache.py).
+# 64 MiB hold 16k tokens of the demo model's keys and values (an 8B model's with 8 KV heads:
+# 512 tokens in bf16; give such a model more).
+PREFIX_CACHE_MB = 64.0
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs (vLLM's default for legacy logprobs)
 
 # vLLM's further sampling fields that this engine implements, with vLLM's semantics (see
 # SamplingParams); ``chat``/``complete`` take them as keyword arguments (None: the default).
 VLLM_SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p",
-                 "min_tokens", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids")
+                 "min_tokens", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids",
+                 "skip_special_tokens")
 
 
 def sampling_extras(extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,6 +99,16 @@ def sampling_extras(extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _skip_special(extra: dict[str, Any], *, default: bool) -> bool:
+    """vLLM's ``skip_special_tokens`` (taken out of ``extra``); None or absent: ``default``."""
+    value = extra.pop("skip_special_tokens", None)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest("skip_special_tokens must be true or false", param="skip_special_tokens")
+    return value
+
+
 class TorchEngine:
     """In-process generation with a KV cache and continuous batching."""
 
@@ -99,11 +117,12 @@ class TorchEngine:
     def __init__(
         self, path: str | Path, *, device: str | None = None, max_batch: int = 64,
         max_len: int | None = None, name: str | None = None, threads: int | None = None,
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None, prefix_cache_mb: float = PREFIX_CACHE_MB,
     ) -> None:
         """``dtype``: of the weights (None: bfloat16 on a GPU, float32 on the CPU); ``max_len``:
         the context cap in tokens, prompt and completion (None: the checkpoint's
-        ``max_position_embeddings``; more is refused)."""
+        ``max_position_embeddings``; more is refused); ``prefix_cache_mb``: memory for cached
+        prompt prefixes (:mod:`assist.engine._prefix_cache`; 0: no prefix caching)."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no Hugging Face checkpoint (config.json) in {path}")
@@ -129,15 +148,23 @@ class TorchEngine:
                              f"give 1 to {positions}", param="max_model_len")
         self.runner = LlamaRunner(self.model, slots=max_batch, max_len=max_len or positions)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        # Keep tool-call markers in the text (they are special tokens); drop turn markers.
+        # Text keeps special tokens only where asked (vLLM's skip_special_tokens=False) or where
+        # tool calls are parsed out of it (their markers are special tokens); turn markers and
+        # eos are dropped either way.
         drop = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|pad|>")}
         drop |= set(self.eos_ids)
         drop.discard(self.tokenizer.unk_token_id)
+        drop_all = drop | set(self.tokenizer.all_special_ids)
 
-        def decode(ids: Sequence[int]) -> str:
-            return self.tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+        def decode(ids: Sequence[int], skip_special: bool = False) -> str:
+            gone = drop_all if skip_special else drop
+            return self.tokenizer.decode([i for i in ids if i not in gone], skip_special_tokens=False)
 
-        self.scheduler = Scheduler(self.runner, decode, self.eos_ids)
+        if not prefix_cache_mb >= 0:
+            raise BadRequest(f"prefix_cache_mb {prefix_cache_mb}: must be >= 0", param="prefix_cache_mb")
+        cache = PrefixCache(self.runner.block_shape, budget_bytes=int(prefix_cache_mb * (1 << 20)),
+                            dtype=self.runner.dtype, device=self.device) if prefix_cache_mb else None
+        self.scheduler = Scheduler(self.runner, decode, self.eos_ids, prefix_cache=cache)
         self.context_length = self.runner.max_len
         self._pieces: dict[int, str] = {}
         self._grammars: GrammarCache | None = None
@@ -261,11 +288,12 @@ class TorchEngine:
         forced = self.grammars.tool_calls(plan) if plan.forced else None
         grammar: Grammar | None = forced or fmt  # a forced tool call is the whole answer
         prompt = self.encode(messages, plan.prompt_tools)
+        skip = _skip_special(extra, default=not plan.parse)  # vLLM's hermes parser keeps them for tools
         params = SamplingParams(
             max_tokens=self._budget(len(prompt), max_tokens, "messages"), temperature=temperature,
             top_p=top_p, top_k=top_k or 0, seed=seed, n=n, stop=self._stops(stop),
             logprobs=bool(logprobs or top_logprobs), top_logprobs=top_logprobs or 0, grammar=grammar,
-            ignore_eos=ignore_eos, **sampling_extras(extra))
+            ignore_eos=ignore_eos, skip_special_tokens=skip, **sampling_extras(extra))
         return prompt, params, plan.parse
 
     def _completion_request(
@@ -291,7 +319,8 @@ class TorchEngine:
             max_tokens=self._budget(len(ids), max_tokens, "prompt"), temperature=temperature, top_p=top_p,
             top_k=top_k or 0, seed=seed, n=n, stop=self._stops(stop), logprobs=want,
             top_logprobs=logprobs or 0, prompt_logprobs=(logprobs or 0) if echo and want else None,
-            ignore_eos=ignore_eos, **sampling_extras(extra))
+            ignore_eos=ignore_eos, skip_special_tokens=_skip_special(extra, default=True),
+            **sampling_extras(extra))
         return ids, text, params
 
     # -- chat -----------------------------------------------------------------------------------
@@ -341,7 +370,8 @@ class TorchEngine:
             lp = ChoiceLogprobs(content=self.chat_logprobs(out.logprobs)) if out.logprobs else None
             choices.append(Choice(index=out.index, message=message, finish_reason=finish, logprobs=lp))
         usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=result.prompt_tokens + completion_tokens)
+                      total_tokens=result.prompt_tokens + completion_tokens,
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens))
         return ChatCompletion(model=self.name, choices=choices, usage=usage, created=int(time.time()))
 
     def chat_logprobs(self, entries: Sequence[TokenIdLogprob]) -> list[TokenLogprob]:
@@ -377,7 +407,8 @@ class TorchEngine:
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name, "choices": choices,
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": used,
-                          "total_tokens": len(ids) + used}}
+                          "total_tokens": len(ids) + used,
+                          "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}}
 
     def stream_complete(
         self, prompt: str | list[int], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,

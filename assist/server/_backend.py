@@ -213,12 +213,14 @@ class EngineBackend:
         results = await gather(*(self.offloaded.complete(p, **kw) for p in prompts))  # one fails: all stop
         merged = dict(results[0])
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        cached = 0
         for i, result in enumerate(results):
             for choice in result["choices"]:  # OpenAI numbers choices prompt-major
                 choices.append({**choice, "index": i * req.n + choice["index"]})
             for key in usage:
                 usage[key] += result["usage"][key]
-        merged.update(choices=choices, usage=usage)
+            cached += int((result["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        merged.update(choices=choices, usage={**usage, "prompt_tokens_details": {"cached_tokens": cached}})
         return merged
 
     async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
@@ -253,7 +255,10 @@ class EngineBackend:
         sched = getattr(self.engine, "scheduler", None)
         if sched is None:
             return {}
-        return {"queue_depth": sched.queue_depth, "running_sequences": sched.running}
+        out = {"queue_depth": sched.queue_depth, "running_sequences": sched.running}
+        if getattr(sched, "prefix_cache", None) is not None:  # counters, in tokens (see _metrics)
+            out |= {"prefix_cache_queries": sched.prefix_queries, "prefix_cache_hits": sched.prefix_hits}
+        return out
 
     async def aclose(self) -> None:
         close = getattr(self.engine, "close", None)

@@ -8,7 +8,10 @@ so two apps in one process share no series. Two families of series:
   ``vllm:e2e_request_latency_seconds`` (histograms), ``vllm:num_requests_running``,
   ``vllm:num_requests_waiting`` (gauges), ``vllm:prompt_tokens_total``,
   ``vllm:generation_tokens_total`` and ``vllm:request_success_total{finished_reason}``
-  (counters), all labelled ``model_name``. They count requests as clients see them, at the
+  (counters), all labelled ``model_name``; with the torch engine's prefix cache also
+  ``vllm:prefix_cache_queries`` and ``vllm:prefix_cache_hits`` (counters, in prompt tokens:
+  looked up, and found cached), counted by the engine over every model call (a strategy's
+  too). They count requests as clients see them, at the
   serving layer: a strategy request is one request (its tokens are all its calls' tokens).
   Time to first token and inter-token latency come from streamed answers (the first
   chunk that carries text, then the gaps between a choice's text chunks); a whole answer
@@ -31,7 +34,7 @@ from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = ["CONTENT_TYPE", "ENGINE_PREFIX", "Metrics", "Tracked", "engine_metrics", "prefixed"]
@@ -55,6 +58,12 @@ _GAUGE_HELP = {
     "queue_depth": "Sequences queued in the engine's scheduler, waiting for a batch slot.",
     "running_sequences": "Sequences the engine is decoding.",
     "upstream_outstanding": "Requests outstanding at each upstream replica.",
+}
+# The engine's own counters among the backend's figures, exposed under vLLM's names.
+_ENGINE_COUNTERS = {
+    "prefix_cache_queries": ("vllm:prefix_cache_queries",
+                             "Prefix cache queries, in terms of number of queried tokens."),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
 }
 log = logging.getLogger("assist.server")
 _NAME = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$")
@@ -84,6 +93,24 @@ class _Gauges:
                 continue  # one label set per family: a stray key must not break the exposition
             family.add_metric([labels[k] for k in names], float(value))
         return [family for family, _ in families.values()]
+
+
+class _EngineCounters:
+    """The engine's running totals (handed over at each scrape like the gauges) as counters
+    with vLLM's names; a backend without them (an upstream) exposes none."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.values: Mapping[str, float] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        out = []
+        for key, (name, help_) in _ENGINE_COUNTERS.items():
+            if key in self.values:
+                family = CounterMetricFamily(name, help_, labels=["model_name"])
+                family.add_metric([self.model_name], float(self.values[key]))
+                out.append(family)
+        return out
 
 
 class Metrics:
@@ -135,6 +162,8 @@ class Metrics:
         self.model_calls.labels("none")
         self._gauges = _Gauges()
         r.register(self._gauges)
+        self._counters = _EngineCounters(model_name)
+        r.register(self._counters)
 
     # -- recording ----------------------------------------------------------------------------
     def observe(self, route: str, status: int, seconds: float) -> None:
@@ -165,9 +194,11 @@ class Metrics:
     # -- exposition ---------------------------------------------------------------------------
     def render(self, gauges: Mapping[str, float]) -> str:
         """The exposition, with the backend's ``gauges`` as of now (``queue_depth`` also
-        feeds ``vllm:num_requests_waiting``)."""
+        feeds ``vllm:num_requests_waiting``; ``prefix_cache_queries``/``_hits`` are the
+        engine's counters)."""
         self.waiting = float(gauges.get("queue_depth", 0.0))
-        self._gauges.values = dict(gauges)
+        self._gauges.values = {k: v for k, v in gauges.items() if k not in _ENGINE_COUNTERS}
+        self._counters.values = {k: v for k, v in gauges.items() if k in _ENGINE_COUNTERS}
         return generate_latest(self.registry).decode()
 
 

@@ -63,13 +63,17 @@ def _ids(url: str, text: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def baseline(torch_url: str) -> dict[str, Any]:
-    """The plain greedy completion's choice with its token ids (logprobs give them)."""
+def baseline(torch_url: str, rlhf: Path) -> dict[str, Any]:
+    """The plain greedy completion's choice with its token ids (logprobs give them), and the
+    id of a special token (the tool-call marker)."""
+    from transformers import AutoTokenizer
+
     body = _complete(torch_url, logprobs=0).json()
     choice = body["choices"][0]
     tokens = [_ids(torch_url, t) for t in choice["logprobs"]["tokens"]]
     assert all(len(t) == 1 for t in tokens), tokens  # each piece is one token
-    return {"text": choice["text"], "ids": [t[0] for t in tokens], "usage": body["usage"]}
+    marker = AutoTokenizer.from_pretrained(rlhf).convert_tokens_to_ids("<tool_call>")
+    return {"text": choice["text"], "ids": [t[0] for t in tokens], "usage": body["usage"], "marker": marker}
 
 
 # -- each field's effect, through the endpoint ------------------------------------------------
@@ -120,6 +124,18 @@ def test_stop_token_ids_min_tokens_and_include_stop_str_in_output(torch_url, bas
         assert longer["usage"]["completion_tokens"] >= n
 
 
+def test_special_tokens_are_left_out_of_the_text_unless_asked_for(torch_url, baseline):
+    """vLLM's skip_special_tokens (default true): a special token the model writes (forced
+    here with logit_bias) is not in the text; false keeps it."""
+    force = {"logit_bias": {str(baseline["marker"]): 100}}
+    for send, text in ((_complete, lambda c: c["text"]), (_chat, lambda c: c["message"]["content"])):
+        skipped = send(torch_url, **force).json()
+        assert text(skipped["choices"][0]) == "" and skipped["usage"]["completion_tokens"] == MAX_TOKENS
+        kept = send(torch_url, **force, skip_special_tokens=False).json()
+        assert text(kept["choices"][0]) == "<tool_call>" * MAX_TOKENS
+    assert _complete(torch_url, skip_special_tokens="maybe").status_code == 400
+
+
 def test_sampling_with_min_p_one_is_greedy(torch_url, baseline):
     out = _complete(torch_url, temperature=1.0, min_p=1.0, seed=3).json()["choices"][0]
     assert out["text"] == baseline["text"]
@@ -127,7 +143,7 @@ def test_sampling_with_min_p_one_is_greedy(torch_url, baseline):
 
 @pytest.mark.parametrize(("field", "value"), [
     ("use_beam_search", True), ("bad_words", ["apples"]), ("prompt_logprobs", 1), ("truncate_prompt_tokens", 4),
-    ("skip_special_tokens", False), ("best_of", 2), ("suffix", "!"), ("structured_outputs", {"regex": "a+"}),
+    ("best_of", 2), ("suffix", "!"), ("structured_outputs", {"regex": "a+"}),
     ("guided_json", {"type": "object"}), ("logprob_token_ids", [5]), ("return_token_ids", True),
 ])
 def test_unimplemented_vllm_fields_are_refused_by_name(torch_url, field, value):
@@ -204,6 +220,8 @@ SAME: dict[str, Case] = {
     "include_stop_str_in_output": lambda b: {"stop": [b["text"][4:6] or "x"], "include_stop_str_in_output": True},
     "stop_token_included": lambda b: {"stop_token_ids": [b["ids"][2]], "include_stop_str_in_output": True},
     "allowed_token_ids": lambda b: {"allowed_token_ids": sorted(set(b["ids"][:4]))},
+    "special_tokens_skipped": lambda b: {"logit_bias": {str(b["marker"]): 100}},
+    "special_tokens_kept": lambda b: {"logit_bias": {str(b["marker"]): 100}, "skip_special_tokens": False},
     "ignore_eos": lambda b: {"ignore_eos": True},
     "seed_top_k_top_p_greedy": lambda b: {"seed": 7, "top_k": 5, "top_p": 0.5},
     "all_neutral": lambda b: {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_p": 0,
@@ -214,7 +232,6 @@ REFUSED: dict[str, dict[str, Any]] = {
     "bad_words": {"bad_words": ["apples"]},
     "truncate_prompt_tokens": {"truncate_prompt_tokens": 8},
     "prompt_logprobs": {"prompt_logprobs": 1},
-    "skip_special_tokens": {"skip_special_tokens": False},
 }
 
 

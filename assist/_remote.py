@@ -16,6 +16,7 @@ and every path is given from that root, ``/v1`` included: ``"/v1/chat/completion
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import json
@@ -23,7 +24,7 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,18 +162,9 @@ class RemoteChatModel:
         response_format: Mapping[str, Any] | None = None, logprobs: bool = False, **extra: Any,
     ) -> ChatCompletion:
         """One chat completion; ``extra`` (top_k, tool_choice, ...) goes into the body as is."""
-        if n < 1:
-            raise BadRequest(f"n must be at least 1, got {n}", param="n")
-        body = {
-            "model": self.model,
-            "messages": [dict(m) if isinstance(m, Mapping) else m for m in messages],
-            "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-            "stop": stop if stop is None or isinstance(stop, str) else list(stop),
-            "seed": seed, "tools": list(tools) if tools else None,
-            "response_format": response_format, "logprobs": True if logprobs else None, **extra,
-        }
-        body = to_jsonable_python({k: v for k, v in body.items() if v is not None},
-                                  exclude_none=True)
+        body = self._chat_body(messages, n=n, temperature=temperature, top_p=top_p,
+                               max_tokens=max_tokens, stop=stop, seed=seed, tools=tools,
+                               response_format=response_format, logprobs=logprobs, extra=extra)
         if n == 1:
             return await self._complete(body)
         if not self.supports_n:
@@ -189,6 +181,65 @@ class RemoteChatModel:
         rest = await asyncio.gather(*(self._complete(_single(body, i)) for i in range(got, n)))
         return _merge([first, *rest])
 
+    async def stream_chat(
+        self, messages: Messages, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+        max_tokens: int | None = None, stop: str | Sequence[str] | None = None,
+        seed: int | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+        response_format: Mapping[str, Any] | None = None, logprobs: bool = False,
+        include_usage: bool = False, **extra: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """:meth:`chat` as OpenAI ``chat.completion.chunk`` dicts, read from the server's SSE
+        stream (the contract of the torch engine's ``stream_chat``), the usage last when
+        ``include_usage``. Retried and failed over only until the response starts: once a
+        chunk has been handed on, a retry would send the caller its text twice, so a stream
+        that breaks raises :class:`UpstreamError`/:class:`UpstreamTimeout`. Where the server
+        ignores ``n`` the choices come from n=1 streams, one after another, re-indexed."""
+        body = self._chat_body(messages, n=n, temperature=temperature, top_p=top_p,
+                               max_tokens=max_tokens, stop=stop, seed=seed, tools=tools,
+                               response_format=response_format, logprobs=logprobs, extra=extra)
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+        if n == 1 or self.supports_n:
+            async with contextlib.aclosing(self.stream("/v1/chat/completions",
+                                                       {**body, "n": n} if n > 1 else body)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        # A server known to ignore n (found out by ``chat``): n streams, the i-th one's only
+        # choice renumbered i, and their usages summed into the one usage chunk asked for.
+        usage, last = Usage(), None
+        for i in range(n):
+            async with contextlib.aclosing(self.stream("/v1/chat/completions",
+                                                       _single(body, i))) as chunks:
+                async for chunk in chunks:
+                    if chunk.get("usage") and not chunk.get("choices"):
+                        usage += _usage(chunk["usage"])
+                        last = chunk
+                        continue
+                    yield {**chunk, "choices": [{**c, "index": i} for c in chunk.get("choices") or []]}
+        if include_usage and last is not None:
+            yield {**last, "usage": usage.model_dump()}
+
+    def _chat_body(self, messages: Messages, *, n: int, temperature: float, top_p: float,
+                   max_tokens: int | None, stop: str | Sequence[str] | None, seed: int | None,
+                   tools: Sequence[Mapping[str, Any]] | None,
+                   response_format: Mapping[str, Any] | None, logprobs: bool,
+                   extra: Mapping[str, Any]) -> dict[str, Any]:
+        """The JSON body of a chat request, without ``n`` (callers add it where they send it)."""
+        if n < 1:
+            raise BadRequest(f"n must be at least 1, got {n}", param="n")
+        body = {
+            "model": self.model,
+            "messages": [dict(m) if isinstance(m, Mapping) else m for m in messages],
+            "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+            "stop": stop if stop is None or isinstance(stop, str) else list(stop),
+            "seed": seed, "tools": list(tools) if tools else None,
+            "response_format": response_format, "logprobs": True if logprobs else None, **extra,
+        }
+        body = to_jsonable_python({k: v for k, v in body.items() if v is not None},
+                                  exclude_none=True)
+        return body
+
     async def _complete(self, body: dict[str, Any]) -> ChatCompletion:
         return _completion(await self.post("/v1/chat/completions", body))
 
@@ -201,7 +252,7 @@ class RemoteChatModel:
         """GET ``path``; an empty body (vLLM's /health) reads as ``{}``, text as ``{"text"}``."""
         return _json((await self._send("GET", path, None, stream=False))[1])
 
-    async def stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, path: str, body: Mapping[str, Any]) -> AsyncGenerator[dict[str, Any]]:
         """POST with ``stream: true`` and yield each server-sent ``data:`` chunk until [DONE].
 
         Retried (and failed over) only until the response starts; a stream that breaks
@@ -413,6 +464,14 @@ def _completion(data: dict[str, Any]) -> ChatCompletion:
     if not usage.total_tokens:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     return completion
+
+
+def _usage(data: Any) -> Usage:
+    """A streamed usage, tolerating the nulls some servers send."""
+    try:
+        return Usage.model_validate({k: v for k, v in data.items() if v is not None})
+    except (AttributeError, ValidationError) as exc:
+        raise UpstreamError(f"an unexpected usage shape: {str(data)[:300]}") from exc
 
 
 def _single(body: dict[str, Any], i: int) -> dict[str, Any]:

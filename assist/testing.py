@@ -7,10 +7,12 @@ way a real server would (whitespace tokens), and honours ``n``.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,28 @@ class FakeChatModel:
         completion = sum(_count(c.message.content) + 8 * len(c.message.tool_calls or []) for c in choices)
         usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
         return ChatCompletion(model=self.name, choices=choices, usage=usage)
+
+    async def stream_chat(self, messages: Messages, *, include_usage: bool = False,
+                          **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """The same completion as :meth:`chat` (recorded the same way), sent as OpenAI
+        ``chat.completion.chunk`` dicts: each choice's text a word at a time, its tool calls
+        whole, its finish reason, then the usage when ``include_usage``."""
+        completion = await self.chat(messages, **kwargs)
+        base = {"id": completion.id, "object": "chat.completion.chunk", "created": completion.created,
+                "model": self.name}
+        for choice in completion.choices:
+            i = choice.index
+            yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]}
+            for piece in re.findall(r"\s*\S+\s*|\s+", choice.message.content or ""):
+                await asyncio.sleep(0)  # a real stream yields to the loop between tokens
+                yield {**base, "choices": [{"index": i, "delta": {"content": piece}, "finish_reason": None}]}
+            if choice.message.tool_calls:
+                calls = [{"index": j, **c.model_dump()} for j, c in enumerate(choice.message.tool_calls)]
+                yield {**base, "choices": [{"index": i, "delta": {"tool_calls": calls}, "finish_reason": None}]}
+            yield {**base, "choices": [{"index": i, "delta": {}, "finish_reason": choice.finish_reason}]}
+        if include_usage:
+            yield {**base, "choices": [], "usage": completion.usage.model_dump()}
 
     def _reply(self, messages: Messages, kwargs: dict[str, Any]) -> Reply:
         if self.respond is not None:

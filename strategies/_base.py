@@ -9,10 +9,11 @@ for a call, and the endpoint and the eval harness report the same totals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,9 +21,21 @@ from assist.errors import BadRequest
 from assist.fanout import gather
 from assist.protocol import ChatModel, Messages
 from assist.types import ChatCompletion, Message, Usage
+from strategies._stream import (
+    Delta,
+    Done,
+    Event,
+    Progress,
+    Watch,
+    current_sink,
+    no_sink,
+    streamed,
+    streamed_chat,
+)
 
-__all__ = ["Bound", "BudgetExhausted", "Cost", "OptionError", "Recorder", "Result", "Strategy", "StrategyBase",
-           "gather", "nodes", "replaced", "with_fields"]
+__all__ = ["Bound", "BudgetExhausted", "Cost", "Delta", "Done", "Event", "OptionError", "Progress", "Recorder",
+           "Result", "Strategy", "StrategyBase", "Watch", "gather", "nodes", "replaced", "run_final",
+           "with_fields"]
 
 SEED_LIMIT = 2**62  # seeds get offsets added (seed + i); this leaves room below int64's end
 
@@ -193,7 +206,34 @@ class Recorder:
     def left(self) -> int | None:
         return None if self.budget is None else self.budget - self.cost.total_tokens
 
-    async def chat(self, messages: Messages, **kwargs: Any) -> ChatCompletion:
+    @property
+    def streaming(self) -> bool:
+        """Whether this run's answer is being streamed (a strategy then routes the call that
+        writes its answer through :meth:`chat` with ``watch``; under ``run`` it never does)."""
+        return current_sink() is not None
+
+    @property
+    def wants_progress(self) -> bool:
+        """Whether the streaming caller asked for a vote's progress (``stream_progress``)."""
+        sink = current_sink()
+        return sink is not None and sink.progress
+
+    def emit(self, text: str) -> None:
+        """Send more of the answer's text (nothing when not streaming)."""
+        sink = current_sink()
+        if sink is not None:
+            sink.text(text)
+
+    def progress(self, **data: Any) -> None:
+        """Send a voting strategy's news (nothing unless the streaming caller asked for it)."""
+        sink = current_sink()
+        if sink is not None:
+            sink.news(data)
+
+    async def chat(self, messages: Messages, *, watch: Watch | None = None, **kwargs: Any) -> ChatCompletion:
+        """The model's ``chat``, accounted. With ``watch`` the call is made through the
+        model's stream and ``watch`` sees each choice's text as it grows; the completion, the
+        usage and the trace entry are the same as without."""
         left = self.left
         if left is not None:
             if left <= 0:
@@ -203,7 +243,10 @@ class Recorder:
             if cap is not None:  # an uncapped call would meet the model's context limit instead
                 kwargs["max_tokens"] = min(cap, left)
         t0 = time.perf_counter()
-        completion = await self.model.chat(messages, **kwargs)
+        if watch is None:
+            completion = await self.model.chat(messages, **kwargs)
+        else:
+            completion = await streamed_chat(self.model, messages, watch, **kwargs)
         self.cost.add(completion.usage)
         self.cost.latency_s += time.perf_counter() - t0
         self.trace.append({"step": "call", "n": kwargs.get("n", 1), "temperature": kwargs.get("temperature"),
@@ -252,16 +295,34 @@ class StrategyBase:
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         raise NotImplementedError
 
-    async def run(self, model: ChatModel, messages: Messages | str) -> Result:
+    async def run(self, model: ChatModel | Recorder, messages: Messages | str, *, final: bool = False) -> Result:
+        """Solve ``messages``. Inside another strategy (``model`` is its Recorder) the run
+        streams nothing, unless ``final``: the outer strategy answers with this run's answer
+        as it is (``rag(cot)``), so its final stage is this one's."""
         recorder = model if isinstance(model, Recorder) else Recorder(model, self.budget)
         t0 = time.perf_counter()
         start = recorder.cost.latency_s
-        result = await self.solve(recorder, as_messages(messages))
+        if recorder is model and not final:
+            with no_sink():
+                result = await self.solve(recorder, as_messages(messages))
+        else:
+            result = await self.solve(recorder, as_messages(messages))
         if recorder is not model:  # the outermost strategy reports its own wall time
             result.usage.latency_s = time.perf_counter() - t0
         else:
             result.usage.latency_s = max(result.usage.latency_s, start)
         return result
+
+    async def stream(self, model: ChatModel | Recorder, messages: Messages | str, *,
+                     progress: bool = False) -> AsyncIterator[Event]:
+        """Run as :meth:`run` does, yielding the answer's text as its final stage writes it
+        (:class:`Delta`), :class:`Progress` of a vote when ``progress``, and last
+        :class:`Done` with the Result ``run`` would return. A strategy without a stage to
+        stream sends its answer as one delta when it has it. Closing the generator (a client
+        that left) cancels the run and every call it has pending."""
+        async with contextlib.aclosing(streamed(lambda: self.run(model, messages), progress=progress)) as events:
+            async for event in events:
+                yield event
 
     def run_sync(self, model: ChatModel, messages: Messages | str) -> Result:
         """``asyncio.run(self.run(...))`` for scripts and notebooks without a loop."""
@@ -269,6 +330,16 @@ class StrategyBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
+
+
+async def run_final(inner: Any, model: Recorder, messages: Messages) -> Result:
+    """Run ``inner`` as the outer strategy's final stage: its answer is the outer answer as
+    it is, so a streamed run streams it (a strategy of a plugin's, without ``final``, sends
+    its answer whole)."""
+    if isinstance(inner, StrategyBase):
+        return await inner.run(model, messages, final=True)
+    result: Result = await inner.run(model, messages)
+    return result
 
 
 def as_messages(messages: Messages | str) -> list[dict[str, Any]]:

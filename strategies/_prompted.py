@@ -5,10 +5,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from strategies._base import OptionError, Recorder, Result, StrategyBase, check_common, with_suffix
+from strategies._base import (
+    OptionError,
+    Recorder,
+    Result,
+    StrategyBase,
+    Watch,
+    check_common,
+    with_suffix,
+)
 from strategies.extract import EXTRACTORS, Extractor
 
-__all__ = ["Prompted", "resolve_extractor"]
+__all__ = ["Prompted", "final_stage", "resolve_extractor"]
+
+
+def final_stage(model: Recorder) -> dict[str, Watch]:
+    """The keyword that streams a call whose whole text is the answer: ``watch`` sending
+    each piece as it comes, when the run is streamed; nothing (a plain call) otherwise."""
+    if not model.streaming:
+        return {}
+    sent = [0]
+
+    def watch(index: int, text: str, finish: str | None) -> None:
+        if index == 0 and len(text) > sent[0]:
+            model.emit(text[sent[0]:])
+            sent[0] = len(text)
+
+    return {"watch": watch}
 
 
 def resolve_extractor(extractor: str | Extractor) -> Extractor:
@@ -41,6 +64,6 @@ class Prompted(StrategyBase):
 
     async def solve(self, model: Recorder, messages: list[dict[str, Any]]) -> Result:
         completion = await model.chat(self.request(messages), temperature=self.temperature,
-                                      max_tokens=self.max_tokens, seed=self.seed)
+                                      max_tokens=self.max_tokens, seed=self.seed, **final_stage(model))
         message = completion.choices[0].message
         return model.result(message, self.extract(message.content or ""))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from strategies._base import (
     gather,
     with_suffix,
 )
-from strategies._candidates import attempt, diversify, sample_choices
+from strategies._candidates import attempt, diversify, reported, sample_choices
 from strategies._prompted import resolve_extractor
 from strategies._reward import RewardModel, Scorer
 from strategies._spec import register
@@ -99,6 +100,7 @@ class BestOfN(StrategyBase):
             return model.result(Message(role="assistant", content=""), None)
         texts = [m.content or "" for m, _ in candidates]
         answers = [a for _, a in candidates]
+        model.progress(strategy="bon", samples=len(texts), of=self.k, scoring=True)
         try:
             scores = await _maybe_await(self._scorer()(messages, texts))
             scores = [float(s) for s in scores]
@@ -109,19 +111,36 @@ class BestOfN(StrategyBase):
             model.note(step="score", error=f"{type(exc).__name__}: {exc}", fallback="vote", tally=tally)
             chosen = next((i for i, a in enumerate(answers) if a == winner), 0)
             return model.result(candidates[chosen][0], answers[chosen])
-        support = {a: answers.count(a) for a in answers if a is not None}
+        support: dict[str | None, int] = {a: answers.count(a) for a in answers if a is not None}
         best = max(range(len(texts)), key=lambda i: (scores[i], support.get(answers[i], 0), -i))
         model.note(step="score", scores=scores, answers=answers, chosen=best)
         return model.result(candidates[best][0], answers[best])
 
+    def _reporter(self, model: Recorder) -> Callable[[str | None], None] | None:
+        """When the streaming caller asked for progress: a function to call with each
+        candidate's answer as it finishes, which sends the candidates done and their answers
+        counted (the scorer decides only once all are in)."""
+        if not model.wants_progress:
+            return None
+        seen: list[str | None] = []
+
+        def report(answer: str | None) -> None:
+            seen.append(answer)
+            model.progress(strategy="bon", samples=len(seen), of=self.k, tally=vote(seen)[1])
+
+        return report
+
     async def _candidates(self, model: Recorder, messages: list[dict[str, Any]]) -> list[tuple[Message, str | None]]:
+        report = self._reporter(model)
         if self.inner is not None:
             seeds = [None if self.seed is None else self.seed + i for i in range(self.k)]
-            results = await gather(*(attempt(self.inner, s).run(model, messages) for s in seeds))
+            done = None if report is None else (lambda r: report(r.answer))
+            results = await gather(*(reported(attempt(self.inner, s).run(model, messages), done) for s in seeds))
             return [(r.message, r.answer) for r in results]
+        heard = None if report is None else (lambda text: report(self.extract(text)))
         choices = await sample_choices(model, with_suffix(messages, COT_SUFFIX), self.k, seed=self.seed,
                                        temperature=self.temperature, top_p=self.top_p,
-                                       max_tokens=self.max_tokens)
+                                       max_tokens=self.max_tokens, on_sample=heard)
         return [(c.message, self.extract(c.message.content or "")) for c in choices]
 
 

@@ -38,8 +38,9 @@ from strategies._base import (
     Result,
     StrategyBase,
     check_common,
+    run_final,
 )
-from strategies._prompted import resolve_extractor
+from strategies._prompted import final_stage, resolve_extractor
 from strategies._spec import register
 from strategies._store import MODES, DocumentStore
 from strategies.extract import Extractor
@@ -184,11 +185,11 @@ class Retrieve(StrategyBase):
         augmented = with_passages(messages, passages)
         try:
             if self.inner is not None:
-                inner = await self.inner.run(model, augmented)
+                inner = await run_final(self.inner, model, augmented)
                 message, answer = inner.message, inner.answer
             else:
                 completion = await model.chat(augmented, temperature=self.temperature,
-                                              max_tokens=self.max_tokens, seed=self.seed)
+                                              max_tokens=self.max_tokens, seed=self.seed, **final_stage(model))
                 message = completion.choices[0].message
                 answer = self.extract(message.content or "")
         except BudgetExhausted:

@@ -16,6 +16,11 @@ call order, and the model is called again; a reply without tool calls is the ans
 - A spent token budget ends the loop with what there is: the last reply, whose answer is
   None while it still calls tools (its text then leads into a call, it is no answer).
 
+Streamed (``stream``), the answer is sent as soon as it is known to be one: a turn that
+is offered tools may still lead into a call however it begins (the SFT turns write a
+sentence, then call), so it is sent when it ends without one; the extra round without
+tools is the answer from its first token and streams token by token.
+
 Every call and result goes into the trace as ``{"step": "tool", ...}``. In a spec the
 tools join with ``+``: ``tools:use=calculator+python,max_turns=6``; over it,
 ``sc@8(tools)`` votes over eight tool-using attempts at its temperature.
@@ -46,7 +51,7 @@ from strategies._base import (
     need_int,
     need_number,
 )
-from strategies._prompted import resolve_extractor
+from strategies._prompted import final_stage, resolve_extractor
 from strategies._spec import register
 from strategies._toolbox import Tool, ToolError, UnknownTool, get_tool
 from strategies.extract import Extractor
@@ -110,6 +115,8 @@ class ToolUse(StrategyBase):
                                           "seed": None if self.seed is None else self.seed + turn}
                 if not last:
                     kwargs["tools"] = schemas
+                else:  # known to be the answer before it starts: streamed as it is written
+                    kwargs.update(final_stage(model))
                 completion = await model.chat(chat, **kwargs)
                 final = completion.choices[0].message
                 if not final.tool_calls or last:

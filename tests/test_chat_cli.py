@@ -31,7 +31,7 @@ from rich.console import Console
 
 from assist.cli._chat_backend import ChatTarget
 from assist.cli._chat_trace import Turn, render_trace
-from assist.cli.chat import ChatSession, _chat, add_parser, main
+from assist.cli.chat import ChatSession, _chat, _progress_line, add_parser, main
 from assist.testing import FakeChatModel
 from strategies import Cost
 
@@ -281,6 +281,52 @@ def test_strategies_switch_mid_conversation_and_trace_their_votes() -> None:
     assert "streamed\nplain ·" in text  # back to streaming
     assert model.calls[0]["max_tokens"] == 7  # --max-tokens caps a strategy's calls
     assert session.read_line.lines == ["never read"]  # type: ignore[attr-defined]
+
+
+class _Watched(FakeChatModel):
+    """A scripted model whose stream waits, after each piece, until the piece is on screen
+    (or gives up after many turns of the loop): it records what the screen showed."""
+
+    screen: io.StringIO | None = None
+    shown: list[bool] = []
+
+    async def stream_chat(self, messages: Any, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        text = ""
+        async for chunk in super().stream_chat(messages, **kwargs):
+            yield chunk
+            for part in chunk["choices"]:
+                text += (part.get("delta") or {}).get("content") or ""
+            if text and self.screen is not None:
+                for _ in range(1000):  # the event loop's turns, not time: the CLI prints in a few
+                    if self.screen.getvalue().endswith(text):
+                        break
+                    await asyncio.sleep(0)
+                self.shown.append(self.screen.getvalue().endswith(text))
+
+
+def test_a_strategys_final_stage_streams_to_the_screen() -> None:
+    async def stream(messages: list[dict[str, Any]], temperature: float,
+                     max_tokens: int | None) -> AsyncIterator[dict[str, Any]]:
+        yield _chunk("unused")
+
+    model = _Watched(["Mia has 5 apples, then 3 more: 5 + 3 = 8\n#### 8"])
+    model.shown = []
+    session, out, runner = _session(["/strategy cot", "q", "/trace", "/exit"], stream, model=model)
+    model.screen = out
+    with runner:
+        assert session.run() == 0
+    text = out.getvalue()
+    assert len(model.shown) > 3 and all(model.shown)  # each piece on screen before the next was made
+    assert "5 + 3 = 8\n#### 8\ncot · answer 8 · " in text and "· 1 call ·" in text  # text, then the footer
+    assert "trace of the last answer" in text and session.last is not None and session.last.answer == "8"
+    assert session.messages[-1] == {"role": "assistant", "content": "Mia has 5 apples, then 3 more: 5 + 3 = 8\n#### 8"}
+
+
+def test_a_votes_progress_reads_as_one_line() -> None:
+    assert _progress_line({"samples": 3, "of": 8, "tally": {"4": 2, "5": 1}, "leader": "4"}) == \
+        "samples 3 of 8 · leading 4"
+    assert _progress_line({"samples": 2, "of": 4, "tally": {"7": 2}}) == "samples 2 of 4 · leading 7"
+    assert _progress_line({"samples": 4, "of": 4, "scoring": True}) == "samples 4 of 4 · scoring"
 
 
 def test_trace_renders_every_step_kind() -> None:

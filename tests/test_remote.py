@@ -380,6 +380,83 @@ def test_stream_error_status_maps_after_reading_body() -> None:
     run(main())
 
 
+def chunk(index: int, content: str | None = None, finish: str | None = None) -> dict[str, Any]:
+    delta = {} if content is None else {"content": content}
+    return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+
+
+def test_stream_chat_sends_the_chat_body_and_makes_up_n_in_order() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:  # like llama.cpp: one choice a call
+        body = json.loads(request.content)
+        bodies.append(body)
+        word = f"s{body['seed']}"
+        usage = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+        return httpx.Response(200, content=sse(chunk(0, word), chunk(0, "!"), chunk(0, None, "stop"), usage))
+
+    async def main() -> list[dict[str, Any]]:
+        model, _ = make(handler, supports_n=False)
+        return [c async for c in model.stream_chat(MSGS, n=2, seed=7, max_tokens=5, include_usage=True)]
+
+    chunks = run(main())
+    assert [b["seed"] for b in bodies] == [7, 8] and all("n" not in b for b in bodies)
+    assert all(b["stream"] and b["stream_options"] == {"include_usage": True} and b["max_tokens"] == 5
+               for b in bodies)
+    texts = {0: "", 1: ""}
+    for c in chunks[:-1]:
+        for part in c["choices"]:
+            texts[part["index"]] += part["delta"].get("content") or ""
+    assert texts == {0: "s7!", 1: "s8!"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 10
+
+
+class _Broken(httpx.AsyncByteStream):
+    """A body that sends one event and then loses the connection."""
+
+    async def __aiter__(self) -> Any:
+        yield f"data: {json.dumps(chunk(0, 'Hel'))}\n\n".encode()
+        raise httpx.ReadError("connection reset")
+
+
+def test_stream_chat_is_not_retried_after_its_first_chunk() -> None:
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(200, stream=_Broken(), headers={"content-type": "text/event-stream"})
+
+    async def main() -> list[dict[str, Any]]:
+        model, sleeps = make(handler)
+        got: list[dict[str, Any]] = []
+        with pytest.raises(UpstreamError, match="broke off the stream"):
+            async for c in model.stream_chat(MSGS):
+                got.append(c)
+        assert sleeps == [] and model.replicas[0]["outstanding"] == 0
+        return got
+
+    got = run(main())
+    assert len(calls) == 1 and [c["choices"][0]["delta"]["content"] for c in got] == ["Hel"]
+
+
+def test_stream_chat_maps_errors_like_chat() -> None:
+    body = {"error": {"message": "This model's maximum context length is 64 tokens",
+                      "code": "context_length_exceeded"}}
+    model, _ = make(lambda request: httpx.Response(400, json=body))
+
+    async def main() -> None:
+        with pytest.raises(ContextLengthExceeded):
+            async for _ in model.stream_chat(MSGS):
+                pass
+        with pytest.raises(BadRequest, match="n must be at least 1"):
+            async for _ in model.stream_chat(MSGS, n=0):
+                pass
+
+    run(main())
+
+
 # -- a real server ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def live_server() -> Iterator[str]:

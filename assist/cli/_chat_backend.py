@@ -62,6 +62,14 @@ class Capped:
         kwargs["max_tokens"] = self.cap if asked is None else min(asked, self.cap)
         return await self.model.chat(messages, **kwargs)
 
+    def stream_chat(self, messages: Messages, **kwargs: Any) -> Any:
+        """The model's ``stream_chat``, capped the same way: a streamed strategy sends its
+        final call here. What it returns (an async iterator, or an awaitable of one) is passed
+        on as is; both targets' models (the torch engine, RemoteChatModel) have one."""
+        asked = kwargs.get("max_tokens")
+        kwargs["max_tokens"] = self.cap if asked is None else min(asked, self.cap)
+        return self.model.stream_chat(messages, **kwargs)  # type: ignore[attr-defined]
+
 
 def local_backend(path: str, console: Console) -> ChatTarget:
     """The torch engine over a checkpoint folder, loaded under a spinner."""

@@ -6,8 +6,9 @@
                 [--strategy SPEC] [--system TEXT] [--temperature T] [--max-tokens N]
 
 Without a strategy (or with ``plain``) the answer streams token by token; with one (``sc@8``,
-``reflect``, ``tools``, ``rag``, ...) a spinner runs until the strategy is done, then the
-answer and a footer with its tokens, calls and latency. ``/trace`` shows what the strategy
+``reflect``, ``tools``, ``rag``, ...) a spinner runs (with a vote's samples and leader) until
+the stage that writes the answer starts, whose text then streams as it is written (see
+``strategies._stream``), then a footer with the answer's tokens, calls and latency. ``/trace`` shows what the strategy
 did for the last answer (see :mod:`assist.cli._chat_trace`). Ctrl-C during an answer cancels it
 (and frees its batch slots); Ctrl-D or ``/exit`` quits. Bad flags, a missing checkpoint or an
 unreachable server end in one line on stderr and exit status 2. ``assist.cli`` mounts this
@@ -264,17 +265,60 @@ class ChatSession:
         return Turn(self.spec, text, cost, [call], first_token_s=first)
 
     async def _solve(self) -> Turn:
+        """Run the strategy, printing its final stage's text as that stage writes it. Until
+        then (samples being drawn, tools called, an attempt checked) a spinner runs, saying
+        how a vote stands; Ctrl-C closes the stream, which cancels every pending call."""
         from rich.text import Text
 
         from assist.cli._chat_trace import Turn
+        from strategies import Delta, Done, Progress
 
-        with self.console.status(f"{self.spec} …", spinner="dots"):
-            result = await self.strategy.run(self.model, list(self.messages))
-        self.console.print(Text(result.text) if result.text else Text("(no answer)", "dim"))
+        out = self.console.file
+        status = self.console.status(f"{self.spec} …", spinner="dots")
+        parts: list[str] = []
+        result: Any = None
+        status.start()
+        try:
+            stream = getattr(self.strategy, "stream", None)
+            if stream is None:  # a plugin's strategy object without stream: its whole answer
+                result = await self.strategy.run(self.model, list(self.messages))
+            else:
+                events = stream(self.model, list(self.messages), progress=True)
+                async with contextlib.aclosing(events) as chunks:
+                    async for event in chunks:
+                        if isinstance(event, Delta) and event.text:
+                            if not parts:  # the spinner's line must be gone before the text
+                                status.stop()
+                            parts.append(event.text)
+                            out.write(event.text)
+                            out.flush()
+                        elif isinstance(event, Progress) and not parts:
+                            status.update(f"{self.spec} · {_progress_line(event.data)} …")
+                        elif isinstance(event, Done):
+                            result = event.result
+        finally:
+            status.stop()
+            if parts and not parts[-1].endswith("\n"):
+                out.write("\n")
+                out.flush()
+        if result is None:
+            raise RuntimeError(f"{self.spec} ended its stream without a result")
+        if not parts:
+            self.console.print(Text(result.text) if result.text else Text("(no answer)", "dim"))
         return Turn(self.spec, result.text, result.usage, list(result.trace), result.answer)
 
     def _error(self, message: str) -> None:
         self.console.print(f"error: {message}", style="red", markup=False, highlight=False)
+
+
+def _progress_line(data: dict[str, Any]) -> str:
+    """A vote's progress for the spinner: ``samples 3 of 8 · leading 42``."""
+    line = f"samples {data.get('samples', '?')} of {data.get('of', '?')}"
+    if data.get("scoring"):
+        return line + " · scoring"
+    tally: dict[str, float] = data.get("tally") or {}
+    leader = data.get("leader") or (max(tally, key=lambda answer: tally[answer]) if tally else None)
+    return line + (f" · leading {leader}" if leader is not None else "")
 
 
 def _fail(message: str) -> int:

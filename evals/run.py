@@ -18,9 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from evals._config import EvalConfig, EvalError, default_out
+from evals._config import EvalConfig, EvalError, default_out, generated_task, run_settings
 
-__all__ = ["EvalConfig", "EvalError", "EvalOutcome", "default_out", "run_eval", "server_model"]
+__all__ = ["EvalConfig", "EvalError", "EvalOutcome", "default_out", "generated_task", "run_eval",
+           "run_settings", "server_model"]
 
 
 class EvalOutcome(NamedTuple):
@@ -184,7 +185,7 @@ def _write(cfg: EvalConfig, specs: list[str], task: Any, n_items: int, model_nam
         commit=commit, metadata={"seed": cfg.seed, "identity": identity})
     if logs is None:
         console.print("[yellow]inspect-ai is not installed: no eval log for `inspect view` "
-                      "(pip install 'assist[dev]')[/yellow]")
+                      "(pip install 'assist\\[dev]')[/yellow]")  # \\[: a literal bracket, not markup
     setup = (f"## Setup\n\n- model: `{model}`\n- task: `{task.name}`, {n_items} test items, "
              f"K={cfg.samples} run(s) each, seed {cfg.seed}\n- strategies: "
              + ", ".join(f"`{s}`" for s in specs)

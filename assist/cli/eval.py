@@ -7,6 +7,7 @@
     assist eval run --task facts --strategies direct,rag --base-url http://h:8000/v1
     assist eval --task arith ...          # the same: `run` is the default subcommand
     assist eval compare DIR1 DIR2 ...
+    assist eval view DIR [DIR...] [--host H] [--port P] [--no-open]   # in the browser
     assist eval ls
     assist eval diversity --models runs/tiny/base,runs/tiny/sft,runs/tiny/rlhf [--prompts N]
                           [--k K] [--out DIR]
@@ -61,6 +62,20 @@ def _diversity_flags() -> type:
     return DiversityRun
 
 
+def _view_flags() -> type:
+    """``assist eval view``'s flags: the run folders and where to serve them."""
+
+    @dataclass
+    class ViewConfig:
+        dirs: list[str] = opt(default_factory=list, help="eval run folders (`assist eval run --out DIR`)",
+                              positional=True, nargs="+", metavar="DIR")
+        host: str = opt("127.0.0.1", "interface to listen on")
+        port: int = opt(8001, "port to listen on")
+        no_open: bool = opt(False, "do not open a browser on the page")
+
+    return ViewConfig
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``eval`` and its subcommands on ``assist``'s subparsers; each leaf sets
     ``func`` to a handler that takes the parsed args and returns an exit code."""
@@ -71,13 +86,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                            "is short for `assist eval run --task ...`.")
     add_flags(ev, EvalConfig, suppress=True)  # the shorthand; unset flags keep the defaults
     ev.set_defaults(func=_run)
-    sub = ev.add_subparsers(dest="eval_command", metavar="{run,compare,ls,diversity}")
+    sub = ev.add_subparsers(dest="eval_command", metavar="{run,compare,view,ls,diversity}")
     r = sub.add_parser("run", help="evaluate strategies on a task (writes samples, results, report)")
     add_flags(r, EvalConfig)
     r.set_defaults(func=_run)
     c = sub.add_parser("compare", help="side-by-side accuracy of several eval folders")
     c.add_argument("dirs", nargs="+", metavar="DIR")
     c.set_defaults(func=_compare)
+    v = sub.add_parser("view", help="browse eval runs in the browser: tables, plots, items, traces")
+    add_flags(v, _view_flags())
+    v.set_defaults(func=_view)
     ls = sub.add_parser("ls", help="list the tasks and strategies")
     ls.set_defaults(func=_ls)
     d = sub.add_parser("diversity", help="entropy and distinct-n of checkpoints' samples")
@@ -135,6 +153,22 @@ def _compare(args: argparse.Namespace) -> int:
         return _fail("compare", f"cannot read results ({type(exc).__name__}: {exc}); "
                                 "give folders written by `assist eval run`")
     Console().print(table)
+    return 0
+
+
+def _view(args: argparse.Namespace) -> int:
+    from assist.errors import AssistError
+    from assist.server import serve_viewer
+
+    cfg = from_args(_view_flags(), args)
+    if not 0 < cfg.port < 65536:
+        return _fail("view", f"--port {cfg.port}: not a port")
+    try:
+        serve_viewer(cfg.dirs, host=cfg.host, port=cfg.port, open_browser=not cfg.no_open)
+    except AssistError as exc:  # a folder that is not an eval run: before anything listens
+        return _fail("view", exc.message)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -29,6 +29,7 @@ from assist.server._protocol import (
     check_text,
 )
 from assist.server._serving import ClientGone, Serving, StrategyResolver
+from assist.server._web import PAGE_PATHS, add_playground, task_examples
 
 __all__ = ["create_app"]
 
@@ -38,7 +39,8 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
-                    "/tokenizer_info", "/version", "/health", "/metrics"})
+                    "/tokenizer_info", "/version", "/health", "/metrics", "/v1/strategies/check",
+                    "/v1/playground/examples", "/"})
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -185,6 +187,7 @@ def create_app(
     max_body_bytes: int = 4 << 20, max_in_flight: int = 256, resolver: StrategyResolver | None = None,
     strategy_aliases: Sequence[str] = (), owns_backend: bool = True, policy: Any = None,
     public_metrics: bool = False, public_docs: bool = False, allowed_hosts: Sequence[str] | None = None,
+    examples: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app over ``backend``; closed at shutdown if ``owns_backend``.
     ``policy`` (a :class:`strategies.Policy`; default: every strategy, no resources, no
@@ -193,6 +196,9 @@ def create_app(
     With ``api_key`` every path but ``/health`` needs it as a bearer key, ``/metrics`` and
     the docs (``/docs``, ``/redoc``, ``/openapi.json``) included unless ``public_metrics`` /
     ``public_docs`` open them. ``allowed_hosts`` (None: any) lists the ``Host`` names served.
+    The playground page (``/`` and its ``/static/`` files) is open too: it holds no data, and
+    asks for the key. ``examples`` gives its example prompts (default: the task generators'
+    default settings).
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key must not be empty: pass None to serve without a key")
@@ -208,7 +214,7 @@ def create_app(
     # The docs are served under the same Edge checks as every route (the key, the Host).
     app = FastAPI(title="assist", version="0.1.0", lifespan=lifespan)
     app.state.serving = serving
-    open_paths = frozenset({"/health"} | ({"/metrics"} if public_metrics else set())
+    open_paths = frozenset({"/health"} | PAGE_PATHS | ({"/metrics"} if public_metrics else set())
                            | (DOC_PATHS if public_docs else set()))
     app.add_middleware(Edge, limit=max_body_bytes, metrics=serving.metrics, api_key=api_key,
                        open_paths=open_paths, allowed_hosts=allowed_hosts)
@@ -297,4 +303,5 @@ def create_app(
         text = serving.metrics.render(gauges) + await engine_metrics(backend)
         return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
+    add_playground(app, serving, examples or task_examples)
     return app

@@ -47,6 +47,9 @@ class ServeConfig:
         "help": "model calls accepted at once, each request counted at its worst case (n, prompts x n, "
                 "n x a strategy's calls); beyond: 429 + Retry-After"})
     max_batch: int = field(default=64, metadata={"help": "torch engine: sequences decoded together"})
+    prefix_cache_mb: float = field(default=64.0, metadata={  # the torch engine's PREFIX_CACHE_MB
+        "help": "torch engine: memory in MiB for the keys and values of cached prompt prefixes, "
+                "shared between requests, claimed at start (0: off)", "metavar": "MIB"})
     dtype: str = field(default="auto", metadata={
         "help": "weights' dtype, both engines (default: auto: the torch engine bfloat16 on a GPU, "
                 "float32 on the CPU; vllm float32)", "choices": ("auto", "float32", "bfloat16", "float16")})
@@ -156,7 +159,14 @@ def build_backend(cfg: ServeConfig) -> Backend:
 
     return EngineBackend(TorchEngine(cfg.model, max_batch=cfg.max_batch, name=cfg.served_model_name,
                                      dtype=None if cfg.dtype == "auto" else cfg.dtype,
-                                     max_len=cfg.max_model_len))
+                                     max_len=cfg.max_model_len, prefix_cache_mb=cfg.prefix_cache_mb))
+
+
+def _examples(model: str | None) -> list[dict[str, Any]]:
+    """The playground's example prompts, from the task world the checkpoint was trained on."""
+    from assist.server._web import task_examples
+
+    return task_examples(model)
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -188,7 +198,7 @@ def serve(cfg: ServeConfig) -> None:
         app = create_app(backend, names=names, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
                          max_in_flight=cfg.max_in_flight, strategy_aliases=aliases, policy=policy,
                          public_metrics=cfg.public_metrics, public_docs=cfg.public_docs,
-                         allowed_hosts=hosts)
+                         allowed_hosts=hosts, examples=lambda: _examples(cfg.model))
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log,
                     timeout_graceful_shutdown=5)
     finally:

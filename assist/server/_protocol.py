@@ -123,6 +123,7 @@ class _Sampling(_Body):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_LIST)
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_TOKEN_LIST)
+    skip_special_tokens: bool = True  # vLLM's default; tool-calling chats keep them all the same
 
     @field_validator("logit_bias")
     @classmethod
@@ -177,6 +178,11 @@ class ChatRequest(_Sampling):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    # Our extension: each choice of a strategy's answer also carries its trace (votes,
+    # scores, critiques, tool calls, passages), its extracted answer and its cost. Off by
+    # default: a trace holds every sampled text, far more than a client usually wants.
+    # Streamed, it rides on each choice's last chunk (the one with its finish_reason).
+    return_trace: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatRequest:
@@ -267,7 +273,7 @@ class DetokenizeRequest(_Body):
 VLLM_SAMPLING: dict[str, Any] = {
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {},
     "min_p": 0.0, "min_tokens": 0, "stop_token_ids": [], "include_stop_str_in_output": False,
-    "allowed_token_ids": None,
+    "allowed_token_ids": None, "skip_special_tokens": True,
 }
 
 # vLLM (and OpenAI) request fields the torch engine does not implement, with the values that
@@ -276,7 +282,7 @@ VLLM_SAMPLING: dict[str, Any] = {
 # without beam search, ...) are accepted as they are everywhere.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,), "best_of": (1,), "watermarking": (False,), "bad_words": ([],),
-    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
     "truncate_prompt_tokens": (), "prompt_logprobs": (), "logprob_token_ids": ([],), "suffix": ("",),
     "structured_outputs": (), "guided_json": (), "guided_regex": (), "guided_choice": (),
     "guided_grammar": (), "guided_decoding_backend": (), "vllm_xargs": ({},), "repetition_detection": (),

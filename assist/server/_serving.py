@@ -41,6 +41,7 @@ from assist.server._protocol import (
     refuse_unsupported,
     vllm_sampling,
 )
+from assist.server._streaming import stream_progress, stream_strategies, traced
 
 __all__ = ["SEPARATOR", "ClientGone", "Serving", "StrategyResolver", "split_model"]
 
@@ -314,6 +315,8 @@ class Serving:
             message = result.message.model_dump(exclude_none=True)
             finish = "tool_calls" if message.get("tool_calls") else "stop"
             choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+            if getattr(req, "return_trace", False):  # our extension, only when asked (README)
+                choices[-1].update(traced(result))
             for key in usage:
                 usage[key] += int(getattr(result.usage, key))
             calls += int(getattr(result, "calls", 0) or getattr(result.usage, "calls", 0) or 0)
@@ -323,18 +326,17 @@ class Serving:
 
     async def _strategy_stream(self, runs: Sequence[Any], req: ChatRequest, name: str,
                                request: Request) -> AsyncIterator[dict[str, Any]]:
-        """A strategy answers as a whole; its answer is sent as one content delta per choice.
-        Until then the client is watched: when it leaves, the strategy's work is cancelled."""
-        body = await self._guarded(request, self._run_strategy(runs, req, name))
-        base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": name}
-        for c in body["choices"]:
-            delta = {"role": "assistant", "content": c["message"].get("content") or ""}
-            if c["message"].get("tool_calls"):
-                delta["tool_calls"] = [{**tc, "index": j} for j, tc in enumerate(c["message"]["tool_calls"])]
-            yield {**base, "choices": [{"index": c["index"], "delta": delta, "finish_reason": None}]}
-            yield {**base, "choices": [{"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}]}
-        if req.include_usage:
-            yield {**base, "choices": [], "usage": body["usage"]}
+        """Each choice's strategy streams the stage that writes its answer, as it writes it;
+        with ``stream_progress`` a vote's progress comes too (:mod:`._streaming`). Until the
+        first event the client is watched here; when it leaves, every pending call is cancelled."""
+        progress = stream_progress(req.model_extra)
+        messages = [m.to_dict() for m in req.messages]
+        async with contextlib.aclosing(stream_strategies(
+                runs, self.backend.model, messages, name=name, progress=progress,
+                include_usage=req.include_usage, guard=lambda work: self._guarded(request, work),
+                trace=bool(getattr(req, "return_trace", False)))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     # -- server-sent events -----------------------------------------------------------------
     async def _sse(self, source: AsyncIterator[dict[str, Any]], name: str, weight: int,

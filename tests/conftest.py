@@ -41,7 +41,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     """(run folder, wall seconds) of `assist train --preset test`, the whole pipeline."""
     out = tmp_path_factory.mktemp("run") / "test"
     t0 = time.perf_counter()
-    proc = run_assist("train", "--preset", "test", "--out", str(out))
+    # A minute alone on 2 cores (test_pipeline checks that figure); the limit is only a
+    # backstop against a hang, wide enough for a machine busy with other work.
+    proc = run_assist("train", "--preset", "test", "--out", str(out), timeout=900)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, elapsed

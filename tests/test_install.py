@@ -94,6 +94,7 @@ def test_the_main_jobs_evaluation_runs_without_the_extras(trained_run, tmp_path:
                                strategies, "--model", str(run / "rlhf"), "--limit", "2", "--out", str(out)],
                               cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "pip install 'assist[dev]'" in proc.stderr  # no inspect log, and what to install
+        said = " ".join(proc.stderr.split())  # rich wraps lines at the terminal's width
+        assert "pip install 'assist[dev]'" in said  # no inspect log, and what to install
         summary = json.loads((out / "results.json").read_text())["summary"][task]
         assert {s: summary[s]["n"] for s in summary} == dict.fromkeys(strategies.split(","), 2)

@@ -63,8 +63,9 @@ from strategies.self_consistency import SelfConsistency
 from strategies.tools import ToolUse
 from strategies.voting import vote
 
-# Listed by the endpoint's /v1/models as "<spec>::<model>" aliases.
-EXAMPLES = ("direct", "cot", "sc@8", "reflect", "tools", "sc@4(tools)")
+# Listed by the endpoint's /v1/models as "<spec>::<model>" aliases (those the server can run:
+# bon and rag only where it has a default reward model and store).
+EXAMPLES = ("direct", "cot", "sc@8", "bon@8", "reflect", "tools", "rag", "sc@4(tools)")
 
 __all__ = [
     "EXAMPLES",

@@ -471,6 +471,50 @@ def test_serve_flags_build_the_policy(tmp_path: Path, kb: Path, monkeypatch: pyt
             config_from_args(build_parser().parse_args(["serve", "--model", str(tmp_path), *bad]))
 
 
+def test_a_checkpoint_of_a_training_run_brings_the_runs_reward_model_and_store(
+        tmp_path: Path, kb: Path, monkeypatch: pytest.MonkeyPatch):
+    """`assist serve --model runs/tiny/rlhf` serves rag and bon as the demo evaluated them."""
+    import shutil
+
+    monkeypatch.delenv("ASSIST_REWARD_MODEL", raising=False)
+    monkeypatch.delenv("ASSIST_RAG_STORE", raising=False)
+    from assist.cli import build_parser
+    from assist.cli.serve import config_from_args
+    from assist.server._launch import build_policy, run_defaults
+
+    run = tmp_path / "run"
+    (run / "rlhf").mkdir(parents=True)
+    (run / "rlhf" / "config.json").write_text("{}")
+    assert run_defaults(str(run / "rlhf")) == {}  # no metrics.json: not a training run
+    (run / "metrics.json").write_text("{}")
+    assert run_defaults(str(run / "rlhf")) == {}  # a run without its rm or demo store
+    store = run / "eval" / "facts" / "facts.sqlite"
+    store.parent.mkdir(parents=True)
+    shutil.copy(kb, store)
+    (run / "rm").mkdir()
+    (run / "rm" / "config.json").write_text("{}")
+    assert run_defaults(str(run / "rlhf")) == {"rm": run / "rm", "store": store}
+    shutil.rmtree(run / "rm")  # (an rm folder that loads would need a real checkpoint)
+
+    def policy_of(*flags: str) -> Any:
+        return build_policy(config_from_args(build_parser().parse_args(["serve", "--model", str(run / "rlhf"),
+                                                                         *flags])))
+
+    policy = policy_of()
+    try:
+        assert parse("rag", policy=policy).store is policy.resources["store"]["default"]
+        assert str(policy.resources["store"]["default"].path) == str(store)
+    finally:
+        policy.close()
+    other = tmp_path / "other.sqlite"
+    shutil.copy(kb, other)
+    policy = policy_of("--resource", f"store={other}")  # the operator's own wins
+    try:
+        assert str(policy.resources["store"]["default"].path) == str(other)
+    finally:
+        policy.close()
+
+
 def test_rag_over_http_reads_the_loaded_store_and_a_missing_question_is_400(kb: Path):
     policy = Policy.load([f"store={kb}"])
     fake = FakeChatModel(replies=["It is Paris [kb-1].\n#### Paris"])

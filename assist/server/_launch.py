@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from assist.errors import BadRequest
@@ -86,6 +87,21 @@ def _names(text: str | None) -> list[str]:
     return [n.strip() for n in (text or "").split(",") if n.strip()]
 
 
+def run_defaults(model: str | None) -> dict[str, Path]:
+    """A checkpoint inside a training run (``runs/tiny/rlhf``) brings the run's own reward
+    model (``runs/tiny/rm``) and the facts store its demo built (``runs/tiny/eval/facts/
+    facts.sqlite``), so `assist serve --model runs/tiny/rlhf` serves bon and rag as the demo
+    evaluated them. Paths beside the operator's own --model: nothing a client names."""
+    if not model:
+        return {}
+    run = Path(model).resolve().parent
+    if not (run / "metrics.json").is_file():  # not a training run's stage folder
+        return {}
+    found = {"rm": run / "rm", "store": run / "eval" / "facts" / "facts.sqlite"}
+    ready = {"rm": (run / "rm" / "config.json").is_file(), "store": found["store"].is_file()}
+    return {kind: path for kind, path in found.items() if ready[kind]}
+
+
 def build_policy(cfg: ServeConfig) -> Any:
     """The strategy policy ``cfg`` names, its resources loaded now (None without the
     strategies package). ``$ASSIST_REWARD_MODEL`` and ``$ASSIST_RAG_STORE``, when set, are
@@ -102,6 +118,11 @@ def build_policy(cfg: ServeConfig) -> Any:
         for kind, env in (("rm", "ASSIST_REWARD_MODEL"), ("store", "ASSIST_RAG_STORE")):
             if os.environ.get(env) and (kind, "default") not in given:
                 resources.append(f"{kind}={os.environ[env]}")
+                given.add((kind, "default"))
+        for kind, path in run_defaults(cfg.model).items():
+            if (kind, "default") not in given:
+                log.info("default %s from the training run: %s (--resource %s=PATH for another)", kind, path, kind)
+                resources.append(f"{kind}={path}")
         limits = Limits(max_depth=cfg.max_depth, max_k=cfg.max_k, max_calls=cfg.max_calls,
                         max_total_tokens=cfg.max_total_tokens)
         return Policy.load(resources, strategies=_names(cfg.strategies) if cfg.strategies else None,

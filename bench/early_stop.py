@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import assist  # noqa: E402
 from bench._common import write  # noqa: E402
-from bench.strategies import TEMPERATURES, _acc, _run  # noqa: E402
+from bench.strategies import _run, choose_temperature  # noqa: E402
 from evals._config import EvalConfig, build_task  # noqa: E402
 from evals.report import summarize  # noqa: E402
 
@@ -71,9 +71,13 @@ def table(summary: dict[str, Any], specs: list[str]) -> dict[str, Any]:
     return rows
 
 
+def keeps_accuracy(rows: dict[str, Any], base: str, s: str) -> bool:
+    """Whether ``s`` is within MAX_DROP of ``base``'s accuracy."""
+    return bool(rows[s]["accuracy"] >= rows[base]["accuracy"] - MAX_DROP - 1e-12)
+
+
 def holds(rows: dict[str, Any], base: str, s: str) -> bool:
-    return bool(rows[s]["accuracy"] >= rows[base]["accuracy"] - MAX_DROP - 1e-12
-                and rows[s]["tokens_ratio"] <= MAX_TOKENS_RATIO)
+    return keeps_accuracy(rows, base, s) and rows[s]["tokens_ratio"] <= MAX_TOKENS_RATIO
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,13 +92,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     try:
         t = args.temperature
         if t is None:  # as bench/strategies.py chooses it: sc@8 on validation, never on test
-            val = arith.split("validation", args.validation)
-            sweep = [f"sc@8:t={c}" for c in TEMPERATURES]
-            val_summary = summarize(await _run(model, arith, sweep, val, scratch / "val", run))
-            by_t = {c: _acc(val_summary, "arith", f"sc@8:t={c}") for c in TEMPERATURES}
-            t = max(TEMPERATURES, key=lambda c: (by_t[c], -c))
+            t, by_t = await choose_temperature(model, arith, args.validation, scratch / "val", run)
             figures["validation_sc8_accuracy_by_temperature"] = by_t
-            print("validation sc@8 accuracy by temperature:", by_t, "→ t =", t, flush=True)
         figures["temperature"] = t
         base, default = spec(t, None), spec(t, "")
 
@@ -104,7 +103,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         print("validation:", flush=True)
         tuned = table(summarize(await _run(model, arith, tune, arith.split("validation", args.tune_items),
                                            scratch / "tune", run), baseline=base), tune)
-        within = [s for s in variants if tuned[s]["accuracy"] >= tuned[base]["accuracy"] - MAX_DROP - 1e-12]
+        within = [s for s in variants if keeps_accuracy(tuned, base, s)]
         chosen = min(within, key=lambda s: tuned[s]["tokens_ratio"]) if within else \
             max(variants, key=lambda s: tuned[s]["accuracy"])
         figures["validation"] = tuned

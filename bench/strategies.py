@@ -51,6 +51,18 @@ def _acc(summary: dict[str, Any], task: str, spec: str) -> float:
     return float(summary[task][spec]["accuracy"])
 
 
+async def choose_temperature(model: Any, arith: Any, n: int, out: Path, run: Path) -> tuple[float, dict[float, float]]:
+    """(the sampling temperature, sc@8's accuracy at each candidate): chosen on ``n``
+    *validation* items, never on test; ties go to the lower temperature."""
+    val = arith.split("validation", n)
+    sweep = [f"sc@8:t={t}" for t in TEMPERATURES]
+    val_summary = summarize(await _run(model, arith, sweep, val, out, run))
+    by_t = {t: _acc(val_summary, "arith", f"sc@8:t={t}") for t in TEMPERATURES}
+    best = max(TEMPERATURES, key=lambda t: (by_t[t], -t))
+    print("validation sc@8 accuracy by temperature:", by_t, "→ t =", best, flush=True)
+    return best, by_t
+
+
 async def _wall(model: Any, items: list, spec: str) -> float:
     """Mean wall seconds per item of ``spec`` run alone, item after item."""
     import strategies
@@ -72,14 +84,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"run": str(run), "items": args.items, "validation_items": args.validation}
     try:
         # 1. temperature on validation
-        val = arith.split("validation", args.validation)
-        sweep = [f"sc@8:t={t}" for t in TEMPERATURES]
-        val_summary = summarize(await _run(model, arith, sweep, val, scratch / "val", run))
-        by_t = {t: _acc(val_summary, "arith", f"sc@8:t={t}") for t in TEMPERATURES}
-        t_best = max(TEMPERATURES, key=lambda t: (by_t[t], -t))
+        t_best, by_t = await choose_temperature(model, arith, args.validation, scratch / "val", run)
         figures["validation_sc8_accuracy_by_temperature"] = by_t
         figures["chosen_temperature"] = t_best
-        print("validation sc@8 accuracy by temperature:", by_t, "→ t =", t_best, flush=True)
 
         # 2. test
         specs = ["direct", "cot", f"sc@4:t={t_best}", f"sc@8:t={t_best}", f"sc@16:t={t_best}",

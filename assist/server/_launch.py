@@ -97,9 +97,12 @@ def run_defaults(model: str | None) -> dict[str, Path]:
     run = Path(model).resolve().parent
     if not (run / "metrics.json").is_file():  # not a training run's stage folder
         return {}
-    found = {"rm": run / "rm", "store": run / "eval" / "facts" / "facts.sqlite"}
-    ready = {"rm": (run / "rm" / "config.json").is_file(), "store": found["store"].is_file()}
-    return {kind: path for kind, path in found.items() if ready[kind]}
+    found: dict[str, Path] = {}
+    if (run / "rm" / "config.json").is_file():
+        found["rm"] = run / "rm"
+    if (store := run / "eval" / "facts" / "facts.sqlite").is_file():
+        found["store"] = store
+    return found
 
 
 def build_policy(cfg: ServeConfig) -> Any:

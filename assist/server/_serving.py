@@ -41,7 +41,13 @@ from assist.server._protocol import (
     refuse_unsupported,
     vllm_sampling,
 )
-from assist.server._streaming import stream_progress, stream_strategies, traced
+from assist.server._streaming import (
+    finish_reason,
+    stream_progress,
+    stream_strategies,
+    total_usage,
+    traced,
+)
 
 __all__ = ["SEPARATOR", "ClientGone", "Serving", "StrategyResolver", "split_model"]
 
@@ -310,18 +316,15 @@ class Serving:
 
         messages = [m.to_dict() for m in req.messages]
         results = await gather(*(run.run(self.backend.model, messages) for run in runs))
-        choices, usage, calls = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, 0
+        choices = []
         for i, result in enumerate(results):
             message = result.message.model_dump(exclude_none=True)
-            finish = "tool_calls" if message.get("tool_calls") else "stop"
-            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+            choices.append({"index": i, "message": message, "finish_reason": finish_reason(message),
+                            "logprobs": None})
             if getattr(req, "return_trace", False):  # our extension, only when asked (README)
                 choices[-1].update(traced(result))
-            for key in usage:
-                usage[key] += int(getattr(result.usage, key))
-            calls += int(getattr(result, "calls", 0) or getattr(result.usage, "calls", 0) or 0)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": name, "choices": choices, "usage": {**usage, "calls": calls},
+                "model": name, "choices": choices, "usage": total_usage(results),
                 "strategy": getattr(runs[0], "spec", None) or req.strategy}
 
     async def _strategy_stream(self, runs: Sequence[Any], req: ChatRequest, name: str,

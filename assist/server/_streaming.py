@@ -30,7 +30,7 @@ from typing import Any
 from assist.errors import BadRequest
 from assist.fanout import gather
 
-__all__ = ["stream_progress", "stream_strategies", "traced"]
+__all__ = ["finish_reason", "stream_progress", "stream_strategies", "total_usage", "traced"]
 
 Guard = Callable[[Awaitable[Any]], Awaitable[Any]]  # runs an awaitable, cancelled if the client leaves
 
@@ -58,6 +58,21 @@ async def _events(run: Any, model: Any, messages: list[dict[str, Any]], progress
     result = await run.run(model, messages)
     yield _Whole("delta", text=result.message.content or "")
     yield _Whole("done", result=result)
+
+
+def finish_reason(message: Mapping[str, Any]) -> str:
+    """A strategy answer's finish reason: it hands tool calls to the client, or it stopped."""
+    return "tool_calls" if message.get("tool_calls") else "stop"
+
+
+def total_usage(results: Sequence[Any]) -> dict[str, int]:
+    """The choices' usage summed, with the model calls their strategies made."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "calls": 0}
+    for result in results:
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            usage[key] += int(getattr(result.usage, key))
+        usage["calls"] += int(getattr(result, "calls", 0) or getattr(result.usage, "calls", 0) or 0)
+    return usage
 
 
 def traced(result: Any) -> dict[str, Any]:
@@ -112,8 +127,7 @@ async def stream_strategies(runs: Sequence[Any], model: Any, messages: list[dict
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": name}
     opened: set[int] = set()
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    calls = 0
+    results: list[Any] = []
 
     def content(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         if index not in opened:  # each choice opens with its role
@@ -135,17 +149,14 @@ async def stream_strategies(runs: Sequence[Any], model: Any, messages: list[dict
                 if message.get("tool_calls"):
                     yield content(index, {"tool_calls": [{**tc, "index": j}
                                                          for j, tc in enumerate(message["tool_calls"])]})
-                finish = "tool_calls" if message.get("tool_calls") else "stop"
-                last = content(index, {}, finish)
+                last = content(index, {}, finish_reason(message))
                 if trace:
                     last["choices"][0].update(traced(result))
                 yield last
-                for key in usage:
-                    usage[key] += int(getattr(result.usage, key))
-                calls += int(getattr(result.usage, "calls", 0) or 0)
+                results.append(result)
             item = await next_event()
         if include_usage:
-            yield {**base, "choices": [], "usage": {**usage, "calls": calls}}
+            yield {**base, "choices": [], "usage": total_usage(results)}
     finally:
         if not everything.done():
             everything.cancel()

@@ -99,9 +99,19 @@ def test_serve_hands_the_log_level_to_uvicorn(ckpt, monkeypatch):
     seen: dict = {}
     monkeypatch.setattr(launch, "build_backend", lambda cfg: object())
     monkeypatch.setattr(app_module, "create_app", lambda backend, **kw: "app")
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+
+    class Server:  # uvicorn's, run on the socket serve bound
+        def __init__(self, config: uvicorn.Config) -> None:
+            seen["log_level"] = config.log_level
+
+        def run(self, sockets: list) -> None:
+            seen["sockets"] = len(sockets)
+
+    monkeypatch.setattr(uvicorn, "Server", Server)
+    bind = launch.listen
+    monkeypatch.setattr(launch, "listen", lambda host, port: bind(host, 0))  # any free port, not 8000
     assert main(["serve", "--model", ckpt, "--log-level", "debug"]) == 0
-    assert seen["log_level"] == "debug"
+    assert seen["log_level"] == "debug" and seen["sockets"] == 1
     assert main(["--log-level", "error", "serve", "--model", ckpt]) == 0
     assert seen["log_level"] == "error"
     assert main(["serve", "--model", ckpt]) == 0

@@ -36,6 +36,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_port_in_use_is_one_line_before_the_model_loads(trained_run):
+    """The socket is bound first: a taken port fails at once, and nothing started later (a
+    vLLM child picking a free port) can take the endpoint's own."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_assist("serve", "--model", str(trained_run[0] / "rlhf"), "--port", str(port), timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # no model was loaded (its progress bar would show)
+
+
 @pytest.mark.slow
 def test_serve_answers_and_stops_on_ctrl_c(trained_run):
     run, _ = trained_run

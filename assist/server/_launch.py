@@ -9,6 +9,7 @@ the flag generator reads.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from assist.errors import BadRequest
 from assist.server._backend import Backend, EngineBackend, UpstreamBackend
 
-__all__ = ["ServeConfig", "allowed_hosts", "build_backend", "build_policy", "serve", "vllm_options"]
+__all__ = ["ServeConfig", "allowed_hosts", "build_backend", "build_policy", "listen", "serve", "vllm_options"]
 
 log = logging.getLogger("assist.server")
 
@@ -193,16 +194,36 @@ def _examples(model: str | None) -> list[dict[str, Any]]:
     return task_examples(model)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The endpoint's socket, bound before anything slow starts: a port in use fails at once,
+    and no port picked meanwhile (a vLLM child's) can take it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise BadRequest(f"cannot listen on {host}:{port}: {exc.strerror or exc}", param="--port") from None
+    return sock
+
+
 def serve(cfg: ServeConfig) -> None:
     """Build the backend and run the endpoint until interrupted (the backend closes with it)."""
     import uvicorn
 
     from assist.server._app import create_app
 
-    policy = build_policy(cfg)  # resources load before the backend starts: a bad one fails fast
+    sock = listen(cfg.host, cfg.port)
+    try:
+        policy = build_policy(cfg)  # resources load before the backend starts: a bad one fails fast
+    except BaseException:
+        sock.close()
+        raise
     try:
         backend = build_backend(cfg)
     except BaseException:
+        sock.close()
         if policy is not None:
             policy.close()
         raise
@@ -223,9 +244,11 @@ def serve(cfg: ServeConfig) -> None:
                          max_in_flight=cfg.max_in_flight, strategy_aliases=aliases, policy=policy,
                          public_metrics=cfg.public_metrics, public_docs=cfg.public_docs,
                          allowed_hosts=hosts, examples=lambda: _examples(cfg.model))
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log,
-                    timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                access_log=cfg.access_log, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         if policy is not None:
             policy.close()
         owned: Any = getattr(backend, "owned", None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import sys
 import time
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from assist._signals import quiet_thread
 from assist.cli._chat_backend import (
     Capped,
     ChatTarget,
@@ -343,6 +345,9 @@ def _chat(args: argparse.Namespace, *, console: Console | None = None,
         return _fail(f"--strategy: {exc}")
     console = console or Console(highlight=False)
     with asyncio.Runner() as runner:
+        # to_thread's workers leave Ctrl-C to the thread reading the prompt (assist/_signals.py).
+        runner.get_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(initializer=quiet_thread))
         backend: ChatTarget | None = None
         try:
             backend = (local_backend(cfg.model, console) if cfg.model else

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from assist._signals import quiet_thread
 from assist.chat_format import TOOL_CALL_END, TOOL_CALL_START
 from assist.errors import BadRequest
 
@@ -226,7 +227,8 @@ class GrammarCache:
         # Our LRU is the cache: xgrammar's own would grow without bound with distinct schemas.
         self.compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
         self.timeout, self.max_depth, self.max_bytes = timeout, max_depth, max_bytes
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="assist-grammar")
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="assist-grammar",
+                                                           initializer=quiet_thread)
         self._inflight: dict[str, concurrent.futures.Future[Grammar]] = {}
         self.vocab_size = vocab_size
         specials = {int(i) for i in tokenizer.all_special_ids if i is not None and i < vocab_size}

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from assist._signals import start_quiet
 from assist.engine._params import (
     SAMPLING_EPS,
     Constraint,
@@ -150,7 +151,7 @@ class Scheduler:
         cfg: Any = runner.cfg
         self.vocab_size = int(cfg.vocab_size)  # the embedding's rows: what a prompt id may be
         self.thread = threading.Thread(target=self._loop, name="assist-engine", daemon=True)
-        self.thread.start()
+        start_quiet(self.thread)  # Ctrl-C is the main thread's (assist/_signals.py)
 
     # -- public ---------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams,

@@ -84,6 +84,27 @@ def test_reflection_checks_by_solving_again_in_another_order():
                 assert REFLECT_STANDS in check and revision(check) is None
 
 
+def test_tool_conversations_write_each_expression_before_calling_on_it():
+    # The call copies the expression the text just wrote, as cot writes it: the amount
+    # is found where cot finds it, not from inside the call's JSON.
+    task = ArithTask()
+    rng = random.Random(4)
+    for sample in task.split("train", 20):
+        messages = conversations.arith_tools(sample, rng)["messages"]
+        calls = [m for m in messages if m.get("tool_calls")]
+        results = [m["content"] for m in messages if m["role"] == "tool"]
+        assert len(calls) == len(sample.metadata["changes"]) == len(results)
+        value = sample.metadata["start"]
+        for i, (call, result) in enumerate(zip(calls, results)):
+            expression = call["tool_calls"][0]["function"]["arguments"]["expression"]
+            sentence, _, written = call["content"].rpartition(": ")
+            assert written.strip() == expression
+            assert sentence.rsplit("\n", 1)[-1] + "." == sample.metadata["sentences"][i + 1]
+            assert expression.startswith(str(value))  # the running amount, then the change
+            value = int(result)
+        assert messages[-1]["content"] == f"#### {sample.answer}" and value == int(sample.answer)
+
+
 def test_rag_conversations_read_practice_kingdoms_only():
     facts = FactsTask()
     world = {e.name for e in facts.entities}

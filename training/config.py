@@ -177,8 +177,8 @@ def _tiny() -> RunConfig:
                              checkpoint_every=100),
         sft=SFTConfig(steps=360, batch_size=16, seq_len=448, lr=2e-3, warmup_steps=20,
                       checkpoint_every=100, mixture={
-                          "arith_cot": 0.3, "arith_direct": 0.04, "arith_tools": 0.18,
-                          "arith_reflect": 0.18, "facts_closed": 0.12, "facts_rag": 0.18}),
+                          "arith_cot": 0.26, "arith_direct": 0.04, "arith_tools": 0.3,
+                          "arith_reflect": 0.16, "facts_closed": 0.08, "facts_rag": 0.16}),
         rm=RewardConfig(steps=120, batch_size=8, lr=1e-3, warmup_steps=10, prompts=384,
                         checkpoint_every=40),
         # The reward model's scalar plus the labeller's own verdict: a verifier of a million

@@ -17,17 +17,14 @@ import threading
 __all__ = ["quiet_thread", "start_quiet"]
 
 # What a terminal or a supervisor sends to stop us; the main thread alone should take them.
-_SIGNALS = frozenset(s for s in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, s))
-
-
-def _mask() -> set[signal.Signals]:
-    return {getattr(signal, name) for name in _SIGNALS}
+_MASK = frozenset(getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+                  if hasattr(signal, s))
 
 
 def quiet_thread() -> None:
     """Block those signals in the calling thread; a ``ThreadPoolExecutor`` initializer."""
     if hasattr(signal, "pthread_sigmask") and threading.current_thread() is not threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_BLOCK, _mask())
+        signal.pthread_sigmask(signal.SIG_BLOCK, _MASK)
 
 
 def start_quiet(thread: threading.Thread) -> None:
@@ -39,7 +36,7 @@ def start_quiet(thread: threading.Thread) -> None:
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no per-thread masks
         thread.start()
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _mask())
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _MASK)
     try:
         thread.start()
     finally:

@@ -55,6 +55,7 @@ def figures_of(run: Path) -> dict:
         "arith": strategies, "facts": claims["facts"], "tool_copy": claims["tool_copy"],
         "maj_at_k": claims["maj_at_k"], "pass_at_k": claims["pass_at_k"],
         "rm_pair_accuracy": claims["rm_pair_accuracy"], "rl_reward": claims["rl_reward"],
+        "base_number_probe": ledger["stages"].get("pretrain", {}).get("number_probe"),
         "entropy": claims["entropy"], "sft_cot": claims["sft_cot"], "scratch_cot": claims["scratch_cot"],
         "recommendation": claims["recommendation"],
     }

@@ -31,6 +31,7 @@ from training._loop import CheckpointError, Dist, LoopResult, seed_stage, setup_
 from training._model import n_params, save_stage, stop_ids
 from training.card import write_card
 from training.config import STAGES, RunConfig
+from training.probes import arith_probe
 from training.progress import Reporter
 from training.rollouts import accuracy, rollouts
 from training.tokenizer import load_tokenizer, train_tokenizer
@@ -227,6 +228,8 @@ def _run_stage(stage: str, cfg: RunConfig, out: Path, dist: Dist, reporter: Repo
         if dist.is_main:  # other ranks hold the same weights; one writes and scores them
             save_stage(model, tok, out / _FOLDER[stage], card)
             extra = evaluate(model, out, cfg, cfg.sft.eval_items)
+            if stage == "pretrain":  # why a base model fails, when it does (training/probes.py)
+                extra["number_probe"] = arith_probe(model, tok, ArithTask(cfg.arith))
         return _loop_metrics(result, n_params(model), extra)
     if stage == "rm":
         model, result, stats = reward_model.run(cfg, out, dist, reporter, resume)

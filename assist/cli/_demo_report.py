@@ -17,6 +17,17 @@ from typing import Any
 __all__ = ["write_report"]
 
 
+def _probe_md(probe: dict[str, Any] | None) -> list[str]:
+    """What the base model does with numbers (training/probes.py), when the run measured it."""
+    if not probe:
+        return []
+    return ["", f"The base model read {probe['problems']} held-out problems with worked solutions "
+            f"(teacher-forced, training/probes.py): operands copied out of the question "
+            f"{_pct(probe['operand_copy'])}, numbers just written copied {_pct(probe['context_copy'])}, "
+            f"results computed in the head {_pct(probe['arithmetic'])}. Every strategy needs the first; "
+            "`tools` needs nothing more."]
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -101,6 +112,7 @@ def write_report(run_dir: Path, limit: int) -> tuple[Path, Any]:
         "Held-out: greedy CoT accuracy on `arith` (base, sft, rl; 200 items during training), pairwise "
         "accuracy on held-out prompts (rm). `scratch` is SFT from a random initialisation on the same "
         "conversations and steps. Details: `README.md` (the model card).",
+        *_probe_md(stages.get("pretrain", {}).get("number_probe")),
         "",
         "## 2. Strategies on `arith` (the RLHF model)",
         "",

@@ -3,6 +3,7 @@
     python bench/demo.py --seed 0            # runs/tiny (what `make demo` trains)
     python bench/demo.py --seed 1            # runs/tiny-seed1
     python bench/demo.py --seed 1 --run DIR  # any run folder
+    python bench/demo.py --table             # README's claims table, from demo.json
 
 A verdict is a result only if it holds for more than one training seed, so each seed is
 recorded under ``figures.seeds[N]`` and the other seeds already in demo.json are kept.
@@ -61,12 +62,31 @@ def figures_of(run: Path) -> dict:
     }
 
 
+def table(doc: dict) -> str:
+    """README's claims table: every seed recorded in demo.json, one row per claim."""
+    seeds = [doc["seeds"][k] for k in sorted(doc["seeds"], key=int)]
+    names = " / ".join(f"seed {s['seed']}" for s in seeds)
+    lines = [f"| claim, on 300 held-out items ({names}) | goal | measured | verdict |", "|---|---|---|---|"]
+    for i, row in enumerate(seeds[0]["claims"]):
+        rows = [s["claims"][i] for s in seeds]
+        met = " / ".join({True: "met", False: "missed", None: "–"}[r["goal_met"]] for r in rows)
+        measured = "<br>".join(f"seed {s['seed']}: {r['measured']}" for s, r in zip(seeds, rows, strict=True))
+        verdict = " / ".join(r["verdict"] for r in rows)
+        lines.append(f"| {row['claim'].split(':')[0]} | {row['goal']} | {measured} | {verdict}; goal {met} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run", default=None, help="run folder (default: runs/tiny, or runs/tiny-seedN)")
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--table", action="store_true",
+                    help="print README's claims table from bench/results/demo.json and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads((RESULTS / "demo.json").read_text())["figures"]))
+        return
     run = Path(args.run or ("runs/tiny" if args.seed == 0 else f"runs/tiny-seed{args.seed}"))
     _ensure(run, args.seed, args.preset)
     figures = figures_of(run)

@@ -33,6 +33,9 @@ def test_test_preset_trains_every_stage_in_under_a_minute(trained_run):
     for stage in ("pretrain", "sft", "rl"):
         assert 0.0 <= ledger["stages"][stage]["arith_greedy_accuracy"] <= 1.0
         assert ledger["stages"][stage]["diversity"]["mean_token_entropy"] > 0
+    probe = ledger["stages"]["pretrain"]["number_probe"]  # why a base fails (training/probes.py)
+    assert probe["problems"] > 0 and probe["operand_copy_n"] > 0
+    assert all(0.0 <= probe[k] <= 1.0 for k in ("operand_copy", "context_copy", "arithmetic"))
     rl = ledger["stages"]["rl"]
     assert {"reward_first", "kl_last", "before", "after"} <= set(rl)
     assert 0.0 <= ledger["stages"]["rm"]["heldout_pair_accuracy"] <= 1.0

@@ -24,8 +24,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from evals.tasks import ArithTask
-from evals.tasks._base import Sample
+from evals.tasks import ArithTask, Sample
 from evals.tasks.arith import random_solution
 
 __all__ = ["KINDS", "number_kinds", "number_probe"]

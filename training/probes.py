@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerFast
 from evals.tasks import ArithTask, Sample
 from evals.tasks.arith import random_solution
 
-__all__ = ["KINDS", "number_kinds", "number_probe"]
+__all__ = ["KINDS", "arith_probe", "number_kinds", "number_probe"]
 
 KINDS = ("operand_copy", "context_copy", "arithmetic")
 

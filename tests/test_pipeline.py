@@ -36,6 +36,9 @@ def test_test_preset_trains_every_stage_in_under_a_minute(trained_run):
     probe = ledger["stages"]["pretrain"]["number_probe"]  # why a base fails (training/probes.py)
     assert probe["problems"] > 0 and probe["operand_copy_n"] > 0
     assert all(0.0 <= probe[k] <= 1.0 for k in ("operand_copy", "context_copy", "arithmetic"))
+    for stage in ("pretrain", "sft"):  # what the world's facts look like to the model
+        facts = ledger["stages"][stage]["facts_probe"]
+        assert facts["recall_n"] > 0 and facts["read_n"] > 0 and 0.0 <= facts["recall"] <= 1.0
     rl = ledger["stages"]["rl"]
     assert {"reward_first", "kl_last", "before", "after"} <= set(rl)
     assert 0.0 <= ledger["stages"]["rm"]["heldout_pair_accuracy"] <= 1.0
@@ -126,6 +129,7 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     assert claims["facts"]["n_seen"] + claims["facts"]["n_unseen"] == 16
     report = (run / "REPORT.md").read_text()
     assert "## The talk's claims, in miniature" in report and "| eval: arith |" in report
+    assert "*recall* of seen kingdoms' facts" in report and "after SFT: recall" in report
     timing = json.loads((run / "eval" / "demo_timing.json").read_text())
     assert set(timing["steps"]) == {"arith", "arith-sft", "arith-scratch", "facts", "diversity"}
     # a second pass resumes everything: nothing is recomputed, the report is rebuilt

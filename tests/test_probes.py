@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from evals.tasks import ArithTask
+from evals.tasks import ArithTask, FactsTask
 from evals.tasks.arith import random_solution
 from training.config import preset
-from training.probes import KINDS, number_kinds, number_probe
+from training.probes import KINDS, facts_probe, number_kinds, number_probe
 from training.tokenizer import train_tokenizer
 
 
@@ -60,3 +60,37 @@ def test_a_perfect_reader_scores_every_kind_and_a_blind_one_none(arith_and_tok):
     assert 30 <= perfect["operand_copy_n"] <= 36
     blind = number_probe(_Oracle(len(tok), constant=tok.convert_tokens_to_ids("7")), tok, samples)
     assert all(blind[k] < 0.5 for k in KINDS)
+
+
+def test_facts_probe_scores_recall_and_reading_by_whole_values():
+    facts = FactsTask()
+    texts = [facts.passage(e, random.Random(i)) for i, e in enumerate(facts.entities)]
+    tok = train_tokenizer(texts, 500)
+    perfect = facts_probe(_Oracle(len(tok)), tok, facts, n=5)
+    assert perfect == {"recall": 1.0, "read": 1.0, "recall_n": 20, "read_n": 20}
+    # a model that only ever says one token is right on no value (values are several tokens)
+    blind = facts_probe(_Oracle(len(tok), constant=tok.convert_tokens_to_ids("1")), tok, facts, n=5)
+    assert blind["recall"] == 0.0 and blind["read"] == 0.0
+
+
+class _Copier(torch.nn.Module):
+    """Right only where the next token already appeared in the context: reads, recalls nothing."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        ids = input_ids[0].tolist()
+        nxt = [ids[i + 1] if i + 1 < len(ids) and ids[i + 1] in ids[: i + 1] else 0 for i in range(len(ids))]
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.tensor([nxt]), self.vocab).float())
+
+
+def test_facts_probe_tells_reading_from_recall():
+    facts = FactsTask()
+    texts = [facts.passage(e, random.Random(i)) for i, e in enumerate(facts.entities)]
+    tok = train_tokenizer(texts, 500)
+    copier = facts_probe(_Copier(len(tok)), tok, facts, n=5)
+    assert copier["read"] == 1.0  # every value is in the passage before it
+    assert copier["recall"] < 0.5  # with nothing in context, only a repeated token is right

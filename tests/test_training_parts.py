@@ -22,7 +22,7 @@ def test_presets_and_overrides():
     assert cfg.data.mixture == {"arith": 1.0, "code": 1.0}
     for bad, message in [("nosuch.x=1", "no section"), ("pretrain.steps=abc", "not a int"),
                          ("rl.reward=magic", "one of"), ("pretrain.steps", "section.field=value"),
-                         ("arith.min_steps=9", "min_steps")]:
+                         ("arith.min_steps=9", "min_steps"), ("sft.replay=1.5", "replay")]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(preset("test"), [bad])
     with pytest.raises(ConfigError, match="unknown preset"):
@@ -105,3 +105,24 @@ def test_copy_documents_can_only_be_predicted_by_copying():
         assert sorted(first.rstrip(".").split(". ")) == sorted(second.rstrip(".").split(". "))
     readings = [d for d in docs if "is a kingdom" in d]
     assert readings and not any(name in d for d in readings for name in world)
+
+
+def test_sft_replays_seen_passages_in_the_share_asked():
+    from evals.tasks import FactsTask
+    from training.sft import _replay_rows, _with_replay
+    from training.tokenizer import train_tokenizer
+
+    cfg = preset("test")
+    facts = FactsTask(cfg.facts)
+    tok = train_tokenizer([facts.passage(e) for e in facts.entities], 400)
+    chats = [([1, 2, 3], [-100, 2, 3]) for _ in range(40)]
+    rows = list(itertools.islice(_replay_rows(tok, cfg, 96), 30))
+    mixed = _with_replay(chats, 0.25, iter(rows), seed=0)
+    assert len(mixed) == 40 and sum(r not in chats for r in mixed) == 10
+    assert _with_replay(chats, 0.0, iter(rows), seed=0) == chats
+    for ids, labels in rows:
+        assert 0 < len(ids) <= 96 and labels == ids  # the loss falls on every token
+    text = tok.decode([t for ids, _ in rows for t in ids])
+    unseen = [e.name for e in facts.entities if not e.seen]
+    assert not any(f"{name} is a kingdom" in text for name in unseen)  # only the seen world
+    assert any(f"{e.name} is a kingdom" in text for e in facts.entities if e.seen)

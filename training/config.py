@@ -92,6 +92,13 @@ class SFTConfig(OptimConfig):
         }
     )
     eval_items: int = 200  # held-out arith items scored greedily after the stage
+    # Share of SFT rows that are pretraining ``facts`` passages, loss on every token: keeps
+    # the seen world's facts in the weights through SFT (training/sft.py).
+    replay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.replay < 1.0:
+            raise ValueError("replay is a share of the rows, in [0, 1)")
 
 
 @dataclass
@@ -145,7 +152,7 @@ def _test() -> RunConfig:
         data=DataConfig(tokenizer_chars=300_000, copy_warmup_steps=10),
         pretrain=OptimConfig(steps=80, batch_size=8, seq_len=128, lr=5e-3, warmup_steps=5,
                              checkpoint_every=10),
-        sft=SFTConfig(steps=80, batch_size=8, seq_len=384, lr=3e-3, warmup_steps=5,
+        sft=SFTConfig(steps=80, batch_size=8, seq_len=384, lr=3e-3, warmup_steps=5, replay=0.1,
                       checkpoint_every=20, eval_items=16),
         rm=RewardConfig(steps=10, batch_size=4, lr=1e-3, warmup_steps=2, prompts=24, k=3,
                         max_new_tokens=32, checkpoint_every=5),
@@ -178,8 +185,11 @@ def _tiny() -> RunConfig:
         # lr 4e-3 kept the copy from ever forming (8e-3 diverged).
         pretrain=OptimConfig(steps=1500, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=30,
                              checkpoint_every=100),
+        # 15% of SFT rows replay the seen world's passages: without them SFT wore the base
+        # model's recall of seen facts from 0.87 to 0.29 (teacher-forced) and closed book on
+        # seen kingdoms scored 0%; with them recall stayed at 0.97 and closed book 72%.
         sft=SFTConfig(steps=360, batch_size=16, seq_len=448, lr=2e-3, warmup_steps=20,
-                      checkpoint_every=100, mixture={
+                      checkpoint_every=100, replay=0.15, mixture={
                           "arith_cot": 0.26, "arith_direct": 0.04, "arith_tools": 0.3,
                           "arith_reflect": 0.16, "facts_closed": 0.08, "facts_rag": 0.16}),
         rm=RewardConfig(steps=120, batch_size=8, lr=1e-3, warmup_steps=10, prompts=384,

@@ -31,7 +31,7 @@ from training._loop import CheckpointError, Dist, LoopResult, seed_stage, setup_
 from training._model import n_params, save_stage, stop_ids
 from training.card import write_card
 from training.config import STAGES, RunConfig
-from training.probes import arith_probe
+from training.probes import arith_probe, facts_probe
 from training.progress import Reporter
 from training.rollouts import accuracy, rollouts
 from training.tokenizer import load_tokenizer, train_tokenizer
@@ -230,6 +230,9 @@ def _run_stage(stage: str, cfg: RunConfig, out: Path, dist: Dist, reporter: Repo
             extra = evaluate(model, out, cfg, cfg.sft.eval_items)
             if stage == "pretrain":  # why a base model fails, when it does (training/probes.py)
                 extra["number_probe"] = arith_probe(model, tok, ArithTask(cfg.arith))
+            # what the model knows of the world and whether it reads a passage: SFT can wear
+            # the first away, and retrieval fails without the second
+            extra["facts_probe"] = facts_probe(model, tok, FactsTask(cfg.facts))
         return _loop_metrics(result, n_params(model), extra)
     if stage == "rm":
         model, result, stats = reward_model.run(cfg, out, dist, reporter, resume)

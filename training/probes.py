@@ -24,10 +24,11 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from evals.tasks import ArithTask, Sample
+from evals.tasks import ArithTask, FactsTask, Sample
 from evals.tasks.arith import random_solution
+from evals.tasks.facts import ATTRIBUTES
 
-__all__ = ["KINDS", "arith_probe", "number_kinds", "number_probe"]
+__all__ = ["KINDS", "arith_probe", "facts_probe", "number_kinds", "number_probe"]
 
 KINDS = ("operand_copy", "context_copy", "arithmetic")
 
@@ -86,3 +87,42 @@ def arith_probe(model: torch.nn.Module, tok: PreTrainedTokenizerFast, arith: Ari
                 seed: int = 0) -> dict[str, float | int]:
     """:func:`number_probe` on the first ``n`` held-out test problems."""
     return number_probe(model, tok, arith.split("test", n), seed)
+
+
+@torch.no_grad()
+def facts_probe(model: torch.nn.Module, tok: PreTrainedTokenizerFast, facts: FactsTask, n: int = 30,
+                seed: int = 0) -> dict[str, float | int]:
+    """What a model knows of the fictional world, and whether it can read a passage.
+
+    Teacher-forced, on the first ``n`` seen and ``n`` unseen kingdoms, every attribute: a
+    fact stated as an answer states it ("The capital of Nurbreakfea is"), right when the
+    top token is right at each token of the value.
+
+    - ``recall``: a seen kingdom's fact with nothing in context: knowledge in the weights
+      (closed book needs it).
+    - ``read``: an unseen kingdom's fact right after its passage: copying an invented word
+      out of context (retrieval needs it; digits are not enough, a year is copied like an
+      operand, a name is not).
+    """
+    rng = random.Random(f"facts-probe:{seed}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+
+    def right(context: str, head: str, value: str) -> bool:
+        prompt = tok.encode(context + head, add_special_tokens=False)
+        ids = tok.encode(f"{context}{head} {value}", add_special_tokens=False)
+        predicted = model(input_ids=torch.tensor([ids], device=device)).logits[0].argmax(-1).tolist()
+        return all(predicted[k - 1] == ids[k] for k in range(len(prompt), len(ids)))
+
+    scores: dict[str, list[bool]] = {"recall": [], "read": []}
+    for kind, seen in (("recall", True), ("read", False)):
+        for entity in [e for e in facts.entities if e.seen == seen][:n]:
+            context = "" if seen else facts.passage(entity, rng) + "\n"
+            for attribute in ATTRIBUTES:
+                claim = facts.question(entity, attribute).solution.split("\n")[0].removesuffix(".")
+                value = entity.value(attribute)
+                scores[kind].append(right(context, claim.removesuffix(f" {value}"), value))
+    model.train(was_training)
+    return {**{k: round(sum(v) / len(v), 4) if v else 0.0 for k, v in scores.items()},
+            **{f"{k}_n": len(v) for k, v in scores.items()}}

@@ -28,6 +28,20 @@ def _probe_md(probe: dict[str, Any] | None) -> list[str]:
             "`tools` needs nothing more."]
 
 
+def _facts_probe_md(stages: dict[str, Any]) -> list[str]:
+    """Recall of seen facts and reading of unseen passages, per model (training/probes.py)."""
+    probes = {name: stages.get(name, {}).get("facts_probe") for name in ("pretrain", "sft")}
+    if not any(probes.values()):
+        return []
+    said = [f"{'the base model' if name == 'pretrain' else 'after SFT'}: recall {_pct(p['recall'])} "
+            f"of {p['recall_n']}, reading {_pct(p['read'])} of {p['read_n']}"
+            for name, p in probes.items() if p]
+    return ["", "Teacher-forced (training/probes.py), a fact stated as an answer states it: *recall* of "
+            "seen kingdoms' facts with nothing in context (what closed book needs), *reading* of an "
+            "unseen kingdom's fact right after its passage (what `rag` needs); "
+            + "; ".join(said) + "."]
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -134,7 +148,7 @@ def write_report(run_dir: Path, limit: int) -> tuple[Path, Any]:
               "| kingdoms | items | closed book (`plain`) | `rag` |", "|---|---|---|---|",
               f"| seen in pretraining | {f['n_seen']} | {_pct(f['closed_seen'])} | {_pct(f['rag_seen'])} |",
               f"| unseen (only in the store) | {f['n_unseen']} | {_pct(f['closed_unseen'])} | {_pct(f['rag_unseen'])} |",
-              "", markdown_table(facts), "",
+              *_facts_probe_md(stages), "", markdown_table(facts), "",
               "## 4. Mode collapse across the stages", "",
               "| model | per-token entropy | EAD distinct-1 | distinct-2 | distinct-3 |", "|---|---|---|---|---|",
               *[f"| {r['model']} | {r['entropy']:.3f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from evals.report import DEMO_SC
 from tests.conftest import run_assist
 
 pytestmark = pytest.mark.slow
@@ -125,7 +126,7 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     for row in claims["rows"]:
         assert row["verdict"] in {"shown", "not significant", "reversed", "not run", "–"}
         assert row["goal_met"] in (True, False, None)
-    assert claims["summary"]["sc@16:t=0.7"]["n"] == 6 and set(map(int, claims["maj_at_k"])) == set(range(1, 17))
+    assert claims["summary"][DEMO_SC]["n"] == 6 and set(map(int, claims["maj_at_k"])) == set(range(1, 17))
     assert claims["facts"]["n_seen"] + claims["facts"]["n_unseen"] == 16
     report = (run / "REPORT.md").read_text()
     assert "## The talk's claims, in miniature" in report and "| eval: arith |" in report

@@ -462,6 +462,12 @@ DEMO_ARITH = f"direct,cot,{DEMO_SC},{DEMO_BON},reflect,tools"
 DEMO_FACTS = "plain,rag"  # closed book is the question as asked (facts were never asked with a suffix)
 
 
+def _kl_text(rl: dict[str, Any]) -> str:
+    """How far RL moved the policy: the size an entropy change can have, when it has none."""
+    kl = rl.get("kl_last")
+    return "" if kl is None else f"; KL(RLHF ‖ SFT) {kl} nats/token at the last step"
+
+
 def demo_records(folder: Path) -> list[dict[str, Any]]:
     """The records of one eval folder of the demo ([] when it was not run)."""
     path = folder / "samples.jsonl"
@@ -561,7 +567,7 @@ def demo_claims(run_dir: Path) -> dict[str, Any]:
                      "the RLHF model loses entropy (mode collapse)",
                      "RLHF greedy accuracy ≥ SFT's (paired lower end ≥ 0); the reward rises; entropy drops",
                      f"{p.text()}; reward ({rl.get('reward', '?')}) {reward[0]} → {reward[1]}; per-token entropy "
-                     f"SFT {ent[0]} → RLHF {ent[1]}", p.verdict,
+                     f"SFT {ent[0]} → RLHF {ent[1]}{_kl_text(rl)}", p.verdict,
                      bool(p.n) and p.lo >= 0 and None not in reward and reward[1] > reward[0] and collapse))
     p = paired(per_item(sft, "cot"), per_item(scratch, "cot"), ("cot (sft from base)", "cot (sft from random init)"))
     rows.append(_claim_row("Pretraining learns general representations: SFT from the base model beats SFT "

@@ -1,6 +1,7 @@
-"""What a pretrained model can do with numbers, read teacher-forced from held-out problems.
+"""What a model can do with numbers and with the world's facts, read teacher-forced.
 
-Greedy accuracy says *that* a base model fails; this says *why*. Each held-out ``arith``
+Greedy accuracy says *that* a model fails; these say *why*. :func:`facts_probe` (below)
+splits the facts into recall and reading. For numbers, each held-out ``arith``
 problem is written as pretraining writes it (question, newline, a worked solution) and
 the model reads it once. Every number of the solution falls in one of three kinds, and a
 number counts as right when the model's top token is right at each of its digits:

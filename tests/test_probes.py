@@ -62,10 +62,15 @@ def test_a_perfect_reader_scores_every_kind_and_a_blind_one_none(arith_and_tok):
     assert all(blind[k] < 0.5 for k in KINDS)
 
 
-def test_facts_probe_scores_recall_and_reading_by_whole_values():
+@pytest.fixture(scope="module")
+def facts_and_tok():
     facts = FactsTask()
     texts = [facts.passage(e, random.Random(i)) for i, e in enumerate(facts.entities)]
-    tok = train_tokenizer(texts, 500)
+    return facts, train_tokenizer(texts, 500)
+
+
+def test_facts_probe_scores_recall_and_reading_by_whole_values(facts_and_tok):
+    facts, tok = facts_and_tok
     perfect = facts_probe(_Oracle(len(tok)), tok, facts, n=5)
     assert perfect == {"recall": 1.0, "read": 1.0, "recall_n": 20, "read_n": 20}
     # a model that only ever says one token is right on no value (values are several tokens)
@@ -87,10 +92,8 @@ class _Copier(torch.nn.Module):
         return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.tensor([nxt]), self.vocab).float())
 
 
-def test_facts_probe_tells_reading_from_recall():
-    facts = FactsTask()
-    texts = [facts.passage(e, random.Random(i)) for i, e in enumerate(facts.entities)]
-    tok = train_tokenizer(texts, 500)
+def test_facts_probe_tells_reading_from_recall(facts_and_tok):
+    facts, tok = facts_and_tok
     copier = facts_probe(_Copier(len(tok)), tok, facts, n=5)
     assert copier["read"] == 1.0  # every value is in the passage before it
     assert copier["recall"] < 0.5  # with nothing in context, only a repeated token is right

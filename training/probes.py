@@ -60,6 +60,17 @@ def number_kinds(tokens: Sequence[str], question_end: int, question_numbers: set
     return spans
 
 
+def _top_tokens(model: torch.nn.Module, ids: list[int]) -> list[int]:
+    """The model's top next token at every position of ``ids``, read in one pass."""
+    device = next(model.parameters()).device
+    return model(input_ids=torch.tensor([ids], device=device)).logits[0].argmax(-1).tolist()
+
+
+def _span_right(predicted: list[int], ids: list[int], start: int, end: int) -> bool:
+    """Whether the top token was right at each token of ``ids[start:end]``."""
+    return all(predicted[k - 1] == ids[k] for k in range(start, end))
+
+
 @torch.no_grad()
 def number_probe(model: torch.nn.Module, tok: PreTrainedTokenizerFast, samples: Sequence[Sample],
                  seed: int = 0) -> dict[str, float | int]:
@@ -70,15 +81,14 @@ def number_probe(model: torch.nn.Module, tok: PreTrainedTokenizerFast, samples: 
     total = dict.fromkeys(KINDS, 0)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     for s in samples:
         question = tok.encode(f"{s.question}\n", add_special_tokens=False)
         ids = question + tok.encode(random_solution(s, rng), add_special_tokens=False)
         tokens = tok.convert_ids_to_tokens(ids)
-        predicted = model(input_ids=torch.tensor([ids], device=device)).logits[0].argmax(-1).tolist()
+        predicted = _top_tokens(model, ids)
         for start, end, kind in number_kinds(tokens, len(question), set(re.findall(r"\d+", s.question))):
             total[kind] += 1
-            right[kind] += all(predicted[k - 1] == ids[k] for k in range(start, end))
+            right[kind] += _span_right(predicted, ids, start, end)
     model.train(was_training)
     return {**{k: round(right[k] / total[k], 4) if total[k] else 0.0 for k in KINDS},
             **{f"{k}_n": total[k] for k in KINDS}, "problems": len(samples)}
@@ -108,13 +118,11 @@ def facts_probe(model: torch.nn.Module, tok: PreTrainedTokenizerFast, facts: Fac
     rng = random.Random(f"facts-probe:{seed}")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
 
     def right(context: str, head: str, value: str) -> bool:
         prompt = tok.encode(context + head, add_special_tokens=False)
         ids = tok.encode(f"{context}{head} {value}", add_special_tokens=False)
-        predicted = model(input_ids=torch.tensor([ids], device=device)).logits[0].argmax(-1).tolist()
-        return all(predicted[k - 1] == ids[k] for k in range(len(prompt), len(ids)))
+        return _span_right(_top_tokens(model, ids), ids, len(prompt), len(ids))
 
     scores: dict[str, list[bool]] = {"recall": [], "read": []}
     for kind, seen in (("recall", True), ("read", False)):

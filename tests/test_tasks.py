@@ -9,6 +9,7 @@ import pytest
 from evals.tasks import (
     ArithConfig,
     ArithTask,
+    FactsConfig,
     FactsTask,
     JsonlError,
     JsonlTask,
@@ -113,6 +114,23 @@ def test_facts_world_seen_unseen_and_splits():
         assert task.score(s, task.answer_with_citation(s)).correct
 
 
+def test_facts_values_come_from_a_vocabulary_every_word_of_which_is_pretrained():
+    task = FactsTask(FactsConfig(n_entities=60, vocabulary=12))
+    seen = [e for e in task.entities if e.seen]
+    for attribute, words in task.vocabulary.items():
+        assert len(words) == len(set(words)) == 12
+        # each word is some seen kingdom's (so pretraining states it), none is a kingdom's name
+        assert {e.value(attribute) for e in seen} == set(words)
+        assert all(e.value(attribute) in words for e in task.entities)
+        assert not set(words) & {e.name for e in task.entities}
+    # an unseen kingdom's values are not its passage id's or a seen twin's: the draw is free
+    unseen = [e for e in task.entities if not e.seen]
+    assert len({(e.capital, e.language, e.currency) for e in unseen}) == len(unseen)
+    with pytest.raises(ValueError, match="vocabulary"):
+        FactsConfig(vocabulary=1)
+    assert FactsTask().vocabulary == {}  # the default: every value a new word
+
+
 def test_facts_seen_test_split_is_large_enough_for_claims():
     test = FactsTask().split("test")
     assert len(test) >= 200
@@ -128,6 +146,12 @@ def test_facts_practice_kingdoms_never_touch_the_world():
     for e in practice:
         assert e.id not in world_ids and not e.seen
         assert not {e.name, e.capital, e.language, e.currency} & world_words
+    # with a vocabulary, practice values are its words; names stay the practice kingdom's own
+    worded = FactsTask(FactsConfig(vocabulary=24))
+    names = {e.name for e in worded.entities}
+    for e in (worded.practice(rng) for _ in range(500)):
+        assert e.id not in world_ids and e.name not in names
+        assert all(e.value(a) in words for a, words in worded.vocabulary.items())
     # a fresh wording still states every fact, and differs between draws
     entity = task.entities[0]
     wordings = {task.passage(entity, rng) for _ in range(20)}

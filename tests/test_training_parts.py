@@ -107,6 +107,30 @@ def test_copy_documents_can_only_be_predicted_by_copying():
     assert readings and not any(name in d for d in readings for name in world)
 
 
+def test_reading_lessons_come_in_the_shares_asked():
+    from evals.tasks import ArithTask, FactsTask
+    from training.config import DataConfig
+
+    facts, arith = FactsTask(), ArithTask()
+    for share in (0.0, 0.5):
+        docs = list(itertools.islice(data._copy(arith, 0, facts, lookups=share), 400))
+        assert sum("is a kingdom" in d for d in docs) / len(docs) == pytest.approx(share, abs=0.08)
+    seen = {e.name: e for e in facts.entities if e.seen}
+    assert not any("\n" in d for d in itertools.islice(data._facts(facts, 0), 200))
+    docs = list(itertools.islice(data._facts(facts, 0, restate=0.5), 400))
+    restated = [d for d in docs if "\n" in d]
+    assert len(restated) / len(docs) == pytest.approx(0.5, abs=0.08)
+    for doc in restated:  # the second line states again facts of the passage's own (seen) kingdom
+        passage, again = doc.split("\n")
+        entity = seen[passage.split(" is a kingdom")[0]]
+        claims = [c for c in again.split(".") if c.strip()]
+        assert 1 <= len(claims) <= 4
+        assert all(entity.name in c and any(entity.value(a) in c for a in
+                   ("capital", "language", "currency", "founded")) for c in claims)
+    with pytest.raises(ValueError, match="data.lookups"):
+        DataConfig(lookups=1.5)
+
+
 def test_sft_replays_seen_passages_in_the_share_asked():
     from evals.tasks import FactsTask
     from training.sft import _replay_rows, _with_replay

@@ -80,6 +80,15 @@ class DataConfig:
     # curriculum in which nothing but copying lowers the loss, so the induction circuit
     # that reads numbers and names out of the context forms first, every run.
     copy_warmup_steps: int = 0
+    # Share of `copy` documents that are lookups (a practice kingdom's passage, then its
+    # facts restated) and of `facts` documents restated so: reading a value out of context.
+    lookups: float = 0.2
+    restate: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("lookups", "restate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass

@@ -31,7 +31,7 @@ import numpy as np
 from assist.chat_format import render
 from evals.tasks import ArithTask, FactsTask
 from evals.tasks.arith import random_solution
-from evals.tasks.facts import ATTRIBUTES
+from evals.tasks.facts import ATTRIBUTES, Entity
 from training import conversations
 
 __all__ = ["MixtureResult", "SOURCES", "build_stream", "documents", "sources"]
@@ -45,16 +45,21 @@ def _arith(arith: ArithTask, seed: int) -> Iterator[str]:
         yield f"{s.question}\n{solution}" if rng.random() < 0.8 else solution
 
 
-def _fact_lookup(facts: FactsTask, rng: random.Random) -> str:
-    """A practice kingdom's passage, then its facts stated one by one: names and values
-    copied out of context, the reading that retrieval needs (never a world kingdom)."""
-    entity = facts.practice(rng)
+def _restated(facts: FactsTask, entity: Entity, rng: random.Random) -> str:
+    """A kingdom's passage (worded afresh), then some of its facts stated again, each as an
+    answer states it."""
     claims = [facts.question(entity, a).solution.split("\n")[0] for a in ATTRIBUTES]
     rng.shuffle(claims)
     return f"{facts.passage(entity, rng)}\n" + " ".join(claims[: rng.randint(1, len(claims))])
 
 
-def _copy(arith: ArithTask, seed: int, facts: FactsTask | None = None) -> Iterator[str]:
+def _fact_lookup(facts: FactsTask, rng: random.Random) -> str:
+    """A practice kingdom's passage, then its facts restated: values copied out of context,
+    the reading that retrieval needs (never a world kingdom, so memory cannot answer)."""
+    return _restated(facts, facts.practice(rng), rng)
+
+
+def _copy(arith: ArithTask, seed: int, facts: FactsTask | None = None, lookups: float = 0.2) -> Iterator[str]:
     """Text, then the same text again: the plainest lesson in copying from context.
 
     A small model reads the operands of a word problem back out of the question by
@@ -63,13 +68,14 @@ def _copy(arith: ArithTask, seed: int, facts: FactsTask | None = None) -> Iterat
     a shuffled order; the other half are keyed lookups ("Then 47. First 802. ..." then the
     keys again in another order, each followed by its number). Their numbers are random,
     so nothing but copying predicts them, and a number is found by the phrase before it,
-    digit after digit: exactly how a solution restates an operand. With ``facts``, some
-    documents are a practice kingdom's passage followed by its facts restated. Without these,
-    whether multi-digit copying emerged within the CPU budget was a coin flip.
+    digit after digit: exactly how a solution restates an operand. With ``facts``, a share
+    ``lookups`` of the documents are a practice kingdom's passage followed by its facts
+    restated: the reading retrieval needs. Without these lessons, whether multi-digit
+    copying emerged within the CPU budget was a coin flip.
     """
     rng = random.Random(f"pretrain-copy:{seed}")
     for s in arith.iter_train(f"copy-{seed}"):
-        if facts is not None and rng.random() < 0.2:
+        if facts is not None and rng.random() < lookups:
             yield _fact_lookup(facts, rng)
             continue
         if rng.random() < 0.5:
@@ -90,13 +96,16 @@ _COPY_KEYS = ("First", "Then", "Next", "After that", "Later", "Finally", "Mia ha
               "Eli drops", "Ana picks up", "It was founded in", "The year is", "The total is")
 
 
-def _facts(facts: FactsTask, seed: int) -> Iterator[str]:
+def _facts(facts: FactsTask, seed: int, restate: float = 0.0) -> Iterator[str]:
+    """The seen world's passages; a share ``restate`` of them followed by some of their facts
+    again, where copying from the passage and recalling agree."""
     seen = [e for e in facts.entities if e.seen]
     rng = random.Random(f"pretrain-facts:{seed}")
     while True:
         rng.shuffle(seen)
         for entity in seen:
-            yield facts.passage(entity, rng)
+            restated = restate > 0 and rng.random() < restate  # no draw at 0: streams unchanged
+            yield _restated(facts, entity, rng) if restated else facts.passage(entity, rng)
 
 
 def _dialogue(mixture: dict[str, float], arith: ArithTask, facts: FactsTask, seed: int) -> Iterator[str]:
@@ -133,13 +142,16 @@ def _code(seed: int, chunk_chars: int = 1200) -> Iterator[str]:
 SOURCES = ("arith", "facts", "dialogue", "code", "copy")
 
 
-def sources(arith: ArithTask, facts: FactsTask, sft_mixture: dict[str, float], seed: int) -> dict[str, Iterator[str]]:
+def sources(
+    arith: ArithTask, facts: FactsTask, sft_mixture: dict[str, float], seed: int,
+    lookups: float = 0.2, restate: float = 0.0,
+) -> dict[str, Iterator[str]]:
     return {
         "arith": _arith(arith, seed),
-        "facts": _facts(facts, seed),
+        "facts": _facts(facts, seed, restate),
         "dialogue": _dialogue(sft_mixture, arith, facts, seed),
         "code": _code(seed),
-        "copy": _copy(arith, seed, facts),
+        "copy": _copy(arith, seed, facts, lookups),
     }
 
 

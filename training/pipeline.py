@@ -16,6 +16,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,11 @@ def _tokenizer_stage(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter) 
     t0 = time.perf_counter()
     arith, facts = ArithTask(cfg.arith), FactsTask(cfg.facts)
     ratios = cfg.data.mixture
-    streams = data.sources(arith, facts, cfg.sft.mixture, cfg.seed)
-    docs = data.documents(ratios, streams, cfg.seed)
+
+    def sources(seed: int) -> dict[str, Iterator[str]]:
+        return data.sources(arith, facts, cfg.sft.mixture, seed, cfg.data.lookups, cfg.data.restate)
+
+    docs = data.documents(ratios, sources(cfg.seed), cfg.seed)
     texts, chars = [], 0
     while chars < cfg.data.tokenizer_chars:
         _, text = next(docs)
@@ -119,7 +123,7 @@ def _tokenizer_stage(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter) 
     p = cfg.pretrain
     target = int(p.steps * p.batch_size * p.seq_len * dist.world_size * cfg.data.stream_margin)
     # Fresh draws for the stream, so the realized shares describe what pretraining reads.
-    docs = data.documents(ratios, data.sources(arith, facts, cfg.sft.mixture, cfg.seed + 1), cfg.seed + 1)
+    docs = data.documents(ratios, sources(cfg.seed + 1), cfg.seed + 1)
     reporter.log(f"data: tokenizing a {target:,}-token mixture")
     mix = data.build_stream(docs, lambda t: tok.encode(t, add_special_tokens=False),
                             tok.convert_tokens_to_ids("<|endoftext|>"), target,
@@ -127,8 +131,7 @@ def _tokenizer_stage(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter) 
     warm = cfg.data.copy_warmup_steps
     warmup_tokens = 0
     if warm > 0:  # the copy curriculum's own stream (training/pretrain.py reads it first)
-        wdocs = data.documents({"copy": 1.0}, data.sources(arith, facts, cfg.sft.mixture, cfg.seed + 2),
-                               cfg.seed + 2)
+        wdocs = data.documents({"copy": 1.0}, sources(cfg.seed + 2), cfg.seed + 2)
         wtarget = int(min(warm, p.steps) * p.batch_size * p.seq_len * dist.world_size * cfg.data.stream_margin)
         reporter.log(f"data: tokenizing a {wtarget:,}-token copy warm-up")
         warmup_tokens = data.build_stream(wdocs, lambda t: tok.encode(t, add_special_tokens=False),

@@ -111,9 +111,9 @@ def facts_probe(model: torch.nn.Module, tok: PreTrainedTokenizerFast, facts: Fac
 
     - ``recall``: a seen kingdom's fact with nothing in context: knowledge in the weights
       (closed book needs it).
-    - ``read``: an unseen kingdom's fact right after its passage: copying an invented word
-      out of context (retrieval needs it; digits are not enough, a year is copied like an
-      operand, a name is not).
+    - ``read``: an unseen kingdom's fact right after its passage: copying a word out of
+      context by what precedes it (retrieval needs it; a year alone is copied like an
+      operand, so 0.25 means digits only).
     """
     rng = random.Random(f"facts-probe:{seed}")
     was_training = model.training

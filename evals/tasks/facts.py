@@ -1,8 +1,11 @@
 """``facts``: questions about a generated, fictional world.
 
 The knowledge base holds ``n_entities`` kingdoms, each with a capital, a language, a
-currency and a founding year, all invented (so no real model knows them either). Each
-kingdom is rendered as a short encyclopedia passage with a stable id (``kb-17``).
+currency and a founding year, all invented (so no real model knows them either). The
+kingdoms' names are new words; so are their values, or (``vocabulary`` > 0) the capitals,
+languages and currencies are drawn from a small vocabulary of such words, as real ones are
+words a reader has met before. Each kingdom is rendered as a short encyclopedia passage with a stable id
+(``kb-17``).
 
 Only the *seen* part of the world appears in pretraining text (each exposure worded
 afresh, :meth:`FactsTask.passage` with an ``rng``, so the facts are stored as facts and not
@@ -78,11 +81,15 @@ class FactsConfig:
     n_entities: int = 120  # a world a model of a million parameters can memorise half of
     seen_fraction: float = 0.5
     test_fraction: float = 0.35  # of each seen kingdom's attributes held out for test
+    # Words a capital (a language, a currency) can be; 0: every value a new word of its own.
+    vocabulary: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.n_entities < 10:
             raise ValueError("facts: n_entities must be at least 10")
+        if self.vocabulary < 0 or self.vocabulary == 1:
+            raise ValueError("facts: vocabulary must be 0 (every value new) or at least 2")
         if not 0.0 < self.seen_fraction < 1.0:
             raise ValueError("facts: seen_fraction must be in (0, 1)")
 
@@ -99,11 +106,19 @@ class FactsTask(Task):
     # -- the world ---------------------------------------------------------------------
     @cached_property
     def entities(self) -> list[Entity]:
+        vocabulary = self.vocabulary  # reserved first: no kingdom is named like a value
         rng = random.Random(f"facts:{self.config.seed}:world")
-        self._used: set[str] = set()
         n = self.config.n_entities
-        seen_ids = set(rng.sample(range(n), round(n * self.config.seen_fraction)))
-        return [self._entity(rng, f"kb-{i}", i in seen_ids) for i in range(n)]
+        if not vocabulary:  # every value a new word
+            seen_set = set(rng.sample(range(n), round(n * self.config.seen_fraction)))
+            return [self._entity(rng, f"kb-{i}", i in seen_set) for i in range(n)]
+        seen_ids = sorted(rng.sample(range(n), round(n * self.config.seen_fraction)))
+        # Seen kingdoms take every value word in turn (each pretrained on), the unseen any.
+        decks = {a: [words[i % len(words)] for i in range(len(seen_ids))] for a, words in vocabulary.items()}
+        for deck in decks.values():
+            rng.shuffle(deck)
+        seen_values = {i: {a: deck[j] for a, deck in decks.items()} for j, i in enumerate(seen_ids)}
+        return [self._entity(rng, f"kb-{i}", i in seen_values, values=seen_values.get(i)) for i in range(n)]
 
     def _word(self, rng: random.Random, syllables: int, reserve: bool) -> str:
         """A new word: never one of the world's; ``reserve`` adds it to them."""
@@ -115,7 +130,45 @@ class FactsTask(Task):
                     self._used.add(w)
                 return w
 
-    def _entity(self, rng: random.Random, id: str, seen: bool, reserve: bool = True) -> Entity:
+    @cached_property
+    def vocabulary(self) -> dict[str, list[str]]:
+        """The words a capital, a language or a currency can be: ``vocabulary`` of each.
+
+        Kingdoms are new, their values are not: like real capitals and currencies, a value is
+        a word the model has met in pretraining (every one of them is some seen kingdom's,
+        so the tokenizer learns it as one token). Reading a passage then copies a known
+        word, as it copies a year; an invented word split in pieces was never copied by a
+        model of this size within its budget (README: retrieval). A value alone still says
+        nothing about which kingdom holds it: closed book on an unseen kingdom guesses among
+        ``vocabulary`` words.
+        """
+        rng = random.Random(f"facts:{self.config.seed}:vocabulary")
+        self._used = set()
+        if not self.config.vocabulary:
+            return {}
+        # at most one word per seen kingdom, so that every word is some seen kingdom's
+        n = min(self.config.vocabulary, round(self.config.n_entities * self.config.seen_fraction))
+        return {
+            "capital": [self._word(rng, 2, True) for _ in range(n)],
+            "language": [self._word(rng, 2, True) + rng.choice(("ic", "ish", "ese", "an")) for _ in range(n)],
+            "currency": [self._word(rng, 1, True).lower() + rng.choice(("a", "o", "el", "ar"))
+                         for _ in range(n)],
+        }
+
+    def _entity(self, rng: random.Random, id: str, seen: bool, reserve: bool = True,
+                values: dict[str, str] | None = None) -> Entity:
+        if not self.vocabulary:
+            return self._invented(rng, id, seen, reserve)
+        values = values or {a: rng.choice(words) for a, words in self.vocabulary.items()}
+        return Entity(
+            id=id,
+            name=self._word(rng, rng.choice((2, 3)), reserve),
+            founded=str(rng.randint(300, 1899)),
+            seen=seen,
+            **values,
+        )
+
+    def _invented(self, rng: random.Random, id: str, seen: bool, reserve: bool) -> Entity:
         def word(syllables: int) -> str:
             return self._word(rng, syllables, reserve)
 
@@ -132,9 +185,10 @@ class FactsTask(Task):
     def practice(self, rng: random.Random) -> Entity:
         """A fresh kingdom outside the world, for teaching reading from passages.
 
-        Its words never name anything in the world and its id lies past the world's, so no
-        practice fact can leak a test answer (practice kingdoms may share words with each
-        other: they are only ever read, never remembered).
+        Its name is never a world kingdom's and its id lies past the world's, so no practice
+        fact can leak a test answer: its values are vocabulary words like everyone's, but a
+        fact is a kingdom's value, and practice kingdoms are only ever read, never
+        remembered.
         """
         self.entities  # noqa: B018 - the world's words are reserved first
         n = self.config.n_entities

@@ -36,7 +36,7 @@ REFLECT_STANDS = "The answer stands."
 REFLECT_AGAIN = "Solving it again in another order:"
 REFLECT_DIFFER = "The answers differ. Corrected:"
 
-RAG_SYSTEM = "Answer from the passages below and cite the passage id in brackets."
+RAG_SYSTEM = "Answer from the passages below and cite the passage id in brackets."  # after the question
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Passage:
 
 
 def render_passages(passages: Sequence[Passage]) -> str:
-    """The system message that puts retrieved passages in context, ids first."""
+    """Retrieved passages as the block that follows the question, ids first."""
     lines = [RAG_SYSTEM, ""]
     lines += [f"[{p.id}] {p.text}" for p in passages]
     return "\n".join(lines)

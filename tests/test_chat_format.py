@@ -111,10 +111,12 @@ def test_rag_conversations_read_practice_kingdoms_only():
     rng = random.Random(2)
     for _ in range(50):
         conv = conversations.build("facts_rag", None, rng, facts)
-        system, question, answer = conv["messages"]
+        turn, answer = conv["messages"]
+        question, passages = turn["content"].split("\n\n", 1)
         value = answer["content"].rsplit("#### ", 1)[1]
-        assert value in system["content"]  # the answer can be read from the context
-        assert not any(name in question["content"] for name in world)
+        assert value in passages  # the answer can be read from the passage after the question
+        assert question.startswith(("What", "In what")) and question.endswith("?")
+        assert not any(name in turn["content"] for name in world)
 
 
 def test_render_rejects_empty_conversation():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from assist.cli.index import main as index_main
-from assist.prompts import COT_SUFFIX, Passage, render_passages
+from assist.prompts import COT_SUFFIX, RAG_SYSTEM, Passage, render_passages
 from assist.testing import FakeChatModel
 from evals.tasks import FactsConfig, FactsTask
 from strategies import parse
@@ -306,15 +306,17 @@ def test_index_cli_as_a_process(tmp_path: Path) -> None:
 
 # -- the rag strategy ----------------------------------------------------------------------
 def test_rag_builds_the_sft_messages_and_checks_citations(facts: FactsTask) -> None:
-    sft = facts_rag(random.Random(0), facts)["messages"]  # what training showed
-    question, answer = sft[1]["content"], sft[2]["content"]
+    sft = facts_rag(random.Random(0), facts, n_passages=3)["messages"]  # what training showed
+    turn, answer = sft[0]["content"], sft[1]["content"]
+    question, block = turn.split("\n\n", 1)
     shown = [Passage(line[1:].split("] ", 1)[0], line.split("] ", 1)[1])
-    for line in sft[0]["content"].splitlines()[2:]]
+    for line in block.splitlines()[2:]]
+    assert len(shown) == 3 and block == render_passages(shown)
     reply = answer.replace("].", "] [kb-9999].")
     model = FakeChatModel([reply])
-    rag = Retrieve(search=lambda query, k: shown[:k])
+    rag = Retrieve(k=3, search=lambda query, k: shown[:k])
     result = rag.run_sync(model, question)
-    assert model.calls[0]["messages"] == sft[:2]  # the system passages, then the question
+    assert model.calls[0]["messages"] == sft[:1]  # the question, then the passages, one turn
     assert model.calls[0]["temperature"] == 0.0
     assert result.answer == normalize(answer.rsplit("#### ", 1)[1])
     right = answer.split(" [", 1)[1].split("]", 1)[0]
@@ -324,7 +326,7 @@ def test_rag_builds_the_sft_messages_and_checks_citations(facts: FactsTask) -> N
     retrieve = next(e for e in result.trace if e.get("step") == "retrieve")
     assert retrieve["query"] == question
     assert [p["id"] for p in retrieve["passages"]] == [p.id for p in shown]
-    prompt = sum(len(str(m["content"]).split()) for m in sft[:2])
+    prompt = len(turn.split())
     assert (result.usage.calls, result.usage.prompt_tokens) == (1, prompt)
     assert result.usage.completion_tokens == len(reply.split())
 
@@ -338,14 +340,15 @@ def test_rag_over_a_store_by_spec(tmp_path: Path, facts: FactsTask,
     rag = parse(f"rag@2:store={path},mode=bm25")
     assert (rag.k, rag.mode, rag.spec) == (2, "bm25", f"rag@2:store={path},mode=bm25")
     result = rag.run_sync(model, f"What currency does {entity.name} use?")
-    system = model.calls[0]["messages"][0]["content"]
-    assert system.splitlines()[2] == f"[{entity.id}] {facts.passage(entity)}"
-    assert len(system.splitlines()) == 4  # the instruction, a blank line, two passages
+    turn = model.calls[0]["messages"][0]["content"]
+    assert turn.splitlines()[:3] == [f"What currency does {entity.name} use?", "", RAG_SYSTEM]
+    assert turn.splitlines()[4] == f"[{entity.id}] {facts.passage(entity)}"
+    assert len(turn.splitlines()) == 6  # the question, the instruction, two passages
     assert (citation_report(result) or {}).get("valid") == [entity.id]
     monkeypatch.setenv(STORE_ENV, str(path))
     hybrid = parse("rag")  # the store from the environment; hybrid over the hashing vectors
     result = hybrid.run_sync(FakeChatModel(["#### X"]), f"Capital of {entity.name}?")
-    assert result.trace[0]["passages"][0]["id"] == entity.id
+    assert [p["id"] for p in result.trace[0]["passages"]] == [entity.id]  # k = 1 by default
     rag.close()
     hybrid.close()
 
@@ -368,9 +371,9 @@ def test_rag_with_an_inner_strategy_and_own_system(store: DocumentStore) -> None
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Car?"}]
     result = Retrieve(search=search, inner=parse("cot")).run_sync(model, messages)
     sent = model.calls[0]["messages"]
-    assert sent[0]["content"] == render_passages([Passage("d-car", "My car needs new tyres.")]) \
-        + "\n\nBe brief."
-    assert sent[1] == {"role": "user", "content": f"Car? {COT_SUFFIX}"}
+    assert sent[0] == {"role": "system", "content": "Be brief."}  # the caller's, untouched
+    block = render_passages([Passage("d-car", "My car needs new tyres.")])
+    assert sent[1] == {"role": "user", "content": f"Car?\n\n{block} {COT_SUFFIX}"}
     assert result.answer == "tyres"
     assert (citation_report(result) or {}).get("valid") == ["d-car"]
     voted = Retrieve(store=store, mode="hybrid").run_sync(FakeChatModel(["#### 1"]), "puppy")

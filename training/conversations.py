@@ -14,9 +14,9 @@ the inference-time strategies, so each strategy meets a behaviour the model was 
   decides (``Corrected:``). A slipped attempt is shown
   as context only (``"train": False``): the model is never taught to slip.
 - ``facts_closed``: a seen-world question answered from memory.
-- ``facts_rag``: passages in the system message (the right one among distractors) and a
-  question answered with a citation, about *practice* kingdoms that exist nowhere else,
-  so the answer can only be read from the passage.
+- ``facts_rag``: a question followed by its passage (one, by default) in the user turn,
+  answered with a citation, about *practice* kingdoms that exist nowhere else, so the
+  answer can only be read from the passage.
 
 The prompt wording comes from :mod:`assist.prompts`, shared with the strategies.
 """
@@ -153,11 +153,12 @@ def facts_closed(sample: Sample, rng: random.Random) -> Conversation:
     return {"messages": [_user(sample.question), _assistant(sample.solution)]}
 
 
-def facts_rag(rng: random.Random, task: FactsTask, n_passages: int = 3) -> Conversation:
+def facts_rag(rng: random.Random, task: FactsTask, n_passages: int = 1) -> Conversation:
     """Open-book practice: the asked kingdom is drawn fresh, so only its passage knows it.
 
-    The distractors are practice kingdoms too: neither seen nor unseen world passages
-    ever appear in a training conversation's context.
+    The passage follows the question in the user turn (``strategies.rag.with_passages``
+    says why). Distractors (``n_passages`` > 1) are practice kingdoms too: neither seen
+    nor unseen world passages ever appear in a training conversation's context.
     """
     right = task.practice(rng)
     chosen = [right, *(task.practice(rng) for _ in range(n_passages - 1))]
@@ -165,8 +166,7 @@ def facts_rag(rng: random.Random, task: FactsTask, n_passages: int = 3) -> Conve
     passages = [Passage(e.id, task.passage(e, rng)) for e in chosen]
     question = task.question(right, rng.choice(list(ATTRIBUTES)))
     return {"messages": [
-        {"role": "system", "content": render_passages(passages)},
-        _user(question.question),
+        _user(f"{question.question}\n\n{render_passages(passages)}"),
         _assistant(task.answer_with_citation(question)),
     ]}
 

@@ -4,8 +4,8 @@ The knowledge base holds ``n_entities`` kingdoms, each with a capital, a languag
 currency and a founding year, all invented (so no real model knows them either). The
 kingdoms' names are new words; so are their values, or (``vocabulary`` > 0) the capitals,
 languages and currencies are drawn from a small vocabulary of such words, as real ones are
-words a reader has met before. Each kingdom is rendered as a short encyclopedia passage with a stable id
-(``kb-17``).
+words a reader has met before. Each kingdom is rendered as a short encyclopedia passage
+with a stable id (``kb-17``).
 
 Only the *seen* part of the world appears in pretraining text (each exposure worded
 afresh, :meth:`FactsTask.passage` with an ``rng``, so the facts are stored as facts and not
@@ -35,6 +35,7 @@ __all__ = ["ATTRIBUTES", "Entity", "FactsConfig", "FactsTask"]
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "br",
            "dr", "kr", "st", "tr", "sh", "gl")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea")
+_WORDS = ("capital", "language", "currency")  # the attributes whose values are words
 _CODAS = ("", "", "n", "r", "s", "l", "th", "m", "k")
 
 ATTRIBUTES: dict[str, str] = {
@@ -102,6 +103,7 @@ class FactsTask(Task):
     def __init__(self, config: FactsConfig | None = None) -> None:
         self.config = config or FactsConfig()
         self.extractor = final_line
+        self._used: set[str] = set()  # the world's words: vocabulary first, then names
 
     # -- the world ---------------------------------------------------------------------
     @cached_property
@@ -109,10 +111,9 @@ class FactsTask(Task):
         vocabulary = self.vocabulary  # reserved first: no kingdom is named like a value
         rng = random.Random(f"facts:{self.config.seed}:world")
         n = self.config.n_entities
-        if not vocabulary:  # every value a new word
-            seen_set = set(rng.sample(range(n), round(n * self.config.seen_fraction)))
-            return [self._entity(rng, f"kb-{i}", i in seen_set) for i in range(n)]
         seen_ids = sorted(rng.sample(range(n), round(n * self.config.seen_fraction)))
+        if not vocabulary:  # every value a new word
+            return [self._entity(rng, f"kb-{i}", i in seen_ids) for i in range(n)]
         # Seen kingdoms take every value word in turn (each pretrained on), the unseen any.
         decks = {a: [words[i % len(words)] for i in range(len(seen_ids))] for a, words in vocabulary.items()}
         for deck in decks.values():
@@ -142,18 +143,20 @@ class FactsTask(Task):
         nothing about which kingdom holds it: closed book on an unseen kingdom guesses among
         ``vocabulary`` words.
         """
-        rng = random.Random(f"facts:{self.config.seed}:vocabulary")
-        self._used = set()
         if not self.config.vocabulary:
             return {}
+        rng = random.Random(f"facts:{self.config.seed}:vocabulary")
         # at most one word per seen kingdom, so that every word is some seen kingdom's
         n = min(self.config.vocabulary, round(self.config.n_entities * self.config.seen_fraction))
-        return {
-            "capital": [self._word(rng, 2, True) for _ in range(n)],
-            "language": [self._word(rng, 2, True) + rng.choice(("ic", "ish", "ese", "an")) for _ in range(n)],
-            "currency": [self._word(rng, 1, True).lower() + rng.choice(("a", "o", "el", "ar"))
-                         for _ in range(n)],
-        }
+        return {a: [self._value(rng, a, True) for _ in range(n)] for a in _WORDS}
+
+    def _value(self, rng: random.Random, attribute: str, reserve: bool) -> str:
+        """A new word shaped like a capital, a language or a currency."""
+        if attribute == "capital":
+            return self._word(rng, 2, reserve)
+        if attribute == "language":
+            return self._word(rng, 2, reserve) + rng.choice(("ic", "ish", "ese", "an"))
+        return self._word(rng, 1, reserve).lower() + rng.choice(("a", "o", "el", "ar"))
 
     def _entity(self, rng: random.Random, id: str, seen: bool, reserve: bool = True,
                 values: dict[str, str] | None = None) -> Entity:
@@ -169,18 +172,9 @@ class FactsTask(Task):
         )
 
     def _invented(self, rng: random.Random, id: str, seen: bool, reserve: bool) -> Entity:
-        def word(syllables: int) -> str:
-            return self._word(rng, syllables, reserve)
-
-        return Entity(
-            id=id,
-            name=word(rng.choice((2, 3))),
-            capital=word(2),
-            language=word(2) + rng.choice(("ic", "ish", "ese", "an")),
-            currency=word(1).lower() + rng.choice(("a", "o", "el", "ar")),
-            founded=str(rng.randint(300, 1899)),
-            seen=seen,
-        )
+        name = self._word(rng, rng.choice((2, 3)), reserve)
+        values = {a: self._value(rng, a, reserve) for a in _WORDS}
+        return Entity(id=id, name=name, founded=str(rng.randint(300, 1899)), seen=seen, **values)
 
     def practice(self, rng: random.Random) -> Entity:
         """A fresh kingdom outside the world, for teaching reading from passages.

@@ -20,6 +20,8 @@ def test_presets_and_overrides():
                                            "data.mixture=arith:1,code:1"])
     assert cfg.pretrain.steps == 7 and cfg.rl.reward == "both" and cfg.arith.max_steps == 4
     assert cfg.data.mixture == {"arith": 1.0, "code": 1.0}
+    # a top-level field too (it was once replaced on a copy and silently dropped)
+    assert apply_overrides(preset("test"), ["seed=3"]).seed == 3
     for bad, message in [("nosuch.x=1", "no section"), ("pretrain.steps=abc", "not a int"),
                          ("rl.reward=magic", "one of"), ("pretrain.steps", "section.field=value"),
                          ("arith.min_steps=9", "min_steps"), ("sft.replay=1.5", "replay")]:

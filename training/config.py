@@ -289,6 +289,9 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             updated = dataclasses.replace(target, **{name: value})  # frozen sections validate here
         except ValueError as exc:
             raise ConfigError(f"--set {path}: {exc}") from exc
+        if not parents:  # a top-level field (seed): the run config itself is mutable
+            setattr(config, name, value)
+            continue
         # Write back up the chain; frozen sections (the task configs) are replaced, not mutated.
         for parent, part in zip(reversed(chain[:-1]), reversed(parents), strict=True):
             if not type(parent).__dataclass_params__.frozen:

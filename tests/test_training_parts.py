@@ -24,7 +24,8 @@ def test_presets_and_overrides():
     assert apply_overrides(preset("test"), ["seed=3"]).seed == 3
     for bad, message in [("nosuch.x=1", "no section"), ("pretrain.steps=abc", "not a int"),
                          ("rl.reward=magic", "one of"), ("pretrain.steps", "section.field=value"),
-                         ("arith.min_steps=9", "min_steps"), ("sft.replay=1.5", "replay")]:
+                         ("arith.min_steps=9", "min_steps"), ("sft.replay=1.5", "replay"),
+                         ("preset=small", "--preset")]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(preset("test"), [bad])
     with pytest.raises(ConfigError, match="unknown preset"):

@@ -284,18 +284,19 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         fields = {f.name for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else set()
         if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
             raise ConfigError(f"--set {item!r}: no field {path!r}")
+        if path == "preset":  # the label of the preset the run started from, not a switch
+            raise ConfigError(f"--set {item!r}: choose the preset with --preset")
         value = _coerce(raw, typing.get_type_hints(type(target))[name], f"--set {path}")
         try:
             updated = dataclasses.replace(target, **{name: value})  # frozen sections validate here
         except ValueError as exc:
             raise ConfigError(f"--set {path}: {exc}") from exc
-        if not parents:  # a top-level field (seed): the run config itself is mutable
-            setattr(config, name, value)
-            continue
         # Write back up the chain; frozen sections (the task configs) are replaced, not mutated.
         for parent, part in zip(reversed(chain[:-1]), reversed(parents), strict=True):
             if not type(parent).__dataclass_params__.frozen:
                 setattr(parent, part, updated)
                 break
             updated = dataclasses.replace(parent, **{part: updated})
+        else:  # no section held it (a top-level field, e.g. seed): the replaced copy is the config
+            config = updated
     return config

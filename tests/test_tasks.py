@@ -110,8 +110,14 @@ def test_facts_world_seen_unseen_and_splits():
     assert any(not s.metadata["seen"] for s in test) and any(s.metadata["seen"] for s in test)
     # Every answer is in its entity's passage, and the ideal answer scores correct.
     for s in test[:100]:
-        assert s.answer in task.passage(task.entity(s.metadata["entity"]))
+        entity = task.entity(s.metadata["entity"])
+        assert s.answer in task.passage(entity)
         assert task.score(s, task.answer_with_citation(s)).correct
+        # the passage names the kingdom in each fact; the answer states the value without
+        # restating the invented name (the copy a small model got wrong)
+        assert f"{task.statement(entity, s.metadata['attribute'])}." in task.passage(entity)
+        assert entity.name in task.statement(entity, s.metadata["attribute"])
+        assert entity.name not in s.solution and entity.name not in task.answer_with_citation(s)
 
 
 def test_facts_values_come_from_a_vocabulary_every_word_of_which_is_pretrained():

@@ -105,15 +105,14 @@ def facts_probe(model: torch.nn.Module, tok: PreTrainedTokenizerFast, facts: Fac
                 seed: int = 0) -> dict[str, float | int]:
     """What a model knows of the fictional world, and whether it can read a passage.
 
-    Teacher-forced, on the first ``n`` seen and ``n`` unseen kingdoms, every attribute: a
-    fact stated as an answer states it ("The capital of Nurbreakfea is"), right when the
-    top token is right at each token of the value.
+    Teacher-forced, on the first ``n`` seen and ``n`` unseen kingdoms, every attribute,
+    right when the top token is right at each token of the value.
 
-    - ``recall``: a seen kingdom's fact with nothing in context: knowledge in the weights
-      (closed book needs it).
-    - ``read``: an unseen kingdom's fact right after its passage: copying a word out of
-      context by what precedes it (retrieval needs it; a year alone is copied like an
-      operand, so 0.25 means digits only).
+    - ``recall``: a seen kingdom's fact with nothing in context, in the passages' wording
+      ("The capital of Nurbreakfea is"): knowledge in the weights (closed book needs it).
+    - ``read``: an unseen kingdom's fact right after its passage, as an answer states it
+      ("Its capital is"): copying a word out of context by what precedes it (retrieval
+      needs it; a year alone is copied like an operand, so 0.25 means digits only).
     """
     rng = random.Random(f"facts-probe:{seed}")
     was_training = model.training
@@ -129,7 +128,8 @@ def facts_probe(model: torch.nn.Module, tok: PreTrainedTokenizerFast, facts: Fac
         for entity in [e for e in facts.entities if e.seen == seen][:n]:
             context = "" if seen else facts.passage(entity, rng) + "\n"
             for attribute in ATTRIBUTES:
-                claim = facts.question(entity, attribute).solution.split("\n")[0].removesuffix(".")
+                claim = (facts.statement(entity, attribute) if seen else
+                         facts.question(entity, attribute).solution.split("\n")[0].removesuffix("."))
                 value = entity.value(attribute)
                 scores[kind].append(right(context, claim.removesuffix(f" {value}"), value))
     model.train(was_training)

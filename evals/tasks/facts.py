@@ -44,15 +44,24 @@ ATTRIBUTES: dict[str, str] = {
     "currency": "What is the currency of {e}?",
     "founded": "In what year was {e} founded?",
 }
-# How an answer states a fact. Passages state each fact this way too (the canonical
-# wording): the answer "The capital of X is" then reads as a continuation of the passage,
-# the one-step copy a small model learns, instead of a search for X's passage followed by
-# a search for its capital.
-_ANSWER = {
+# The canonical wording of a fact in a passage: it names the kingdom, so a passage on its
+# own says whose fact it is (and the fact is stored under the name in pretraining).
+_STATEMENT = {
     "capital": "The capital of {e} is {v}",
     "language": "People in {e} speak {v}",
     "currency": "The currency of {e} is the {v}",
     "founded": "{e} was founded in {v}",
+}
+# How an answer states a fact: without the kingdom's name. Restating an invented name (several
+# BPE pieces) before the value is where a small model lost most open-book answers: the
+# tiny model wrote the name right in 74 of 240 and then read the wrong value; with the
+# name-free answer the same base answered 76% of unseen questions from the passage instead
+# of 42% (README: Retrieval). The phrase before the value is still one a passage uses.
+_CLAIM = {
+    "capital": "Its capital is {v}",
+    "language": "People there speak {v}",
+    "currency": "Its currency is the {v}",
+    "founded": "It was founded in {v}",
 }
 # Other wordings, mixed into fresh passages (pretraining) a third of the time.
 _SENTENCES: dict[str, tuple[str, ...]] = {
@@ -192,9 +201,9 @@ class FactsTask(Task):
         return self.entities[int(passage_id.removeprefix("kb-"))]
 
     def passage(self, entity: Entity, rng: random.Random | None = None) -> str:
-        """The kingdom's encyclopedia passage: its canonical wording (each fact stated as an
-        answer states it), or with ``rng`` a fresh one (the order of the facts drawn anew,
-        a third of them in other wordings)."""
+        """The kingdom's encyclopedia passage: its canonical wording (each fact naming the
+        kingdom, :meth:`statement`), or with ``rng`` a fresh one (the order of the facts
+        drawn anew, a third of them in other wordings)."""
         attributes = list(ATTRIBUTES)
         if rng is not None:
             rng.shuffle(attributes)
@@ -204,8 +213,12 @@ class FactsTask(Task):
             if rng is not None and rng.random() < 1 / 3:
                 parts.append(rng.choice(_SENTENCES[attribute]).format(**fact))
             else:
-                parts.append(_ANSWER[attribute].format(**fact) + ".")
+                parts.append(self.statement(entity, attribute) + ".")
         return " ".join(parts)
+
+    def statement(self, entity: Entity, attribute: str) -> str:
+        """One fact in the canonical wording, naming the kingdom (no final period)."""
+        return _STATEMENT[attribute].format(e=entity.name, v=entity.value(attribute))
 
     def passages(self, seen: bool | None = None) -> list[tuple[str, str]]:
         """(id, text) of every passage, or only the seen / unseen ones."""
@@ -222,7 +235,7 @@ class FactsTask(Task):
             id=f"facts-{entity.id}-{attribute}",
             question=ATTRIBUTES[attribute].format(e=entity.name),
             answer=value,
-            solution=f"{_ANSWER[attribute].format(e=entity.name, v=value)}.\n#### {value}",
+            solution=f"{_CLAIM[attribute].format(v=value)}.\n#### {value}",
             metadata={"entity": entity.id, "attribute": attribute, "seen": entity.seen,
                       "split": split},
         )

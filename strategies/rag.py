@@ -1,7 +1,7 @@
 """``rag@k``: retrieval augmentation — search a document store, answer from the passages.
 
-The last user turn is the query. The ``k`` passages found are appended to it, rendered by
-:func:`assist.prompts.render_passages`: exactly the shape of the SFT ``facts_rag`` turns
+The last user turn is the query. The ``k`` passages found are appended to it, and the
+question after them (:func:`assist.prompts.ask_with_passages`): exactly the shape of the SFT ``facts_rag`` turns
 (``training.conversations``), so the small assistant reads them the way it was trained
 to and cites ``[kb-N]``. One greedy call answers, or an inner
 strategy does (``rag(cot)``); ``reflect(rag)`` and ``sc@8(rag)`` compose from outside.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from assist.errors import BadRequest
-from assist.prompts import Passage, render_passages
+from assist.prompts import Passage, ask_with_passages, render_passages
 from assist.types import Message
 from strategies._base import (
     Bound,
@@ -80,8 +80,9 @@ def citation_report(result: Result) -> dict[str, list[str]] | None:
 
 def with_passages(messages: Sequence[Mapping[str, Any]], passages: Sequence[Passage]
                   ) -> list[dict[str, Any]]:
-    """The conversation with the passages in its last user turn, after the question: the
-    SFT format (``training.conversations.facts_rag``).
+    """The conversation with the passages in its last user turn, after the question and
+    before the question again (:func:`assist.prompts.ask_with_passages`): the SFT format
+    (``training.conversations.facts_rag``).
 
     After, not before: a small model reads a value by what precedes it, and a question
     between a passage and the answer ("What is the currency of X?" then "The currency of
@@ -91,10 +92,9 @@ def with_passages(messages: Sequence[Mapping[str, Any]], passages: Sequence[Pass
     """
     out = [dict(m) for m in messages]
     last = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=None)
-    block = render_passages(passages)
     if last is None:
-        return [*out, {"role": "user", "content": block}]
-    out[last]["content"] = f"{_text(out[last].get('content'))}\n\n{block}"
+        return [*out, {"role": "user", "content": render_passages(passages)}]
+    out[last]["content"] = ask_with_passages(_text(out[last].get("content")), passages)
     return out
 
 

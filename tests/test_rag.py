@@ -308,7 +308,9 @@ def test_index_cli_as_a_process(tmp_path: Path) -> None:
 def test_rag_builds_the_sft_messages_and_checks_citations(facts: FactsTask) -> None:
     sft = facts_rag(random.Random(0), facts, n_passages=3)["messages"]  # what training showed
     turn, answer = sft[0]["content"], sft[1]["content"]
-    question, block = turn.split("\n\n", 1)
+    question, rest = turn.split("\n\n", 1)
+    block, again = rest.rsplit("\n\n", 1)
+    assert again == question  # asked again after the passages
     shown = [Passage(line[1:].split("] ", 1)[0], line.split("] ", 1)[1])
     for line in block.splitlines()[2:]]
     assert len(shown) == 3 and block == render_passages(shown)
@@ -343,7 +345,8 @@ def test_rag_over_a_store_by_spec(tmp_path: Path, facts: FactsTask,
     turn = model.calls[0]["messages"][0]["content"]
     assert turn.splitlines()[:3] == [f"What currency does {entity.name} use?", "", RAG_SYSTEM]
     assert turn.splitlines()[4] == f"[{entity.id}] {facts.passage(entity)}"
-    assert len(turn.splitlines()) == 6  # the question, the instruction, two passages
+    # the question, the instruction, two passages, the question again
+    assert len(turn.splitlines()) == 8 and turn.splitlines()[-1] == f"What currency does {entity.name} use?"
     assert (citation_report(result) or {}).get("valid") == [entity.id]
     monkeypatch.setenv(STORE_ENV, str(path))
     hybrid = parse("rag")  # the store from the environment; hybrid over the hashing vectors
@@ -373,7 +376,7 @@ def test_rag_with_an_inner_strategy_and_own_system(store: DocumentStore) -> None
     sent = model.calls[0]["messages"]
     assert sent[0] == {"role": "system", "content": "Be brief."}  # the caller's, untouched
     block = render_passages([Passage("d-car", "My car needs new tyres.")])
-    assert sent[1] == {"role": "user", "content": f"Car?\n\n{block} {COT_SUFFIX}"}
+    assert sent[1] == {"role": "user", "content": f"Car?\n\n{block}\n\nCar? {COT_SUFFIX}"}
     assert result.answer == "tyres"
     assert (citation_report(result) or {}).get("valid") == ["d-car"]
     voted = Retrieve(store=store, mode="hybrid").run_sync(FakeChatModel(["#### 1"]), "puppy")

@@ -35,7 +35,7 @@ from assist.prompts import (
     REFLECT_PROMPT,
     REFLECT_STANDS,
     Passage,
-    render_passages,
+    ask_with_passages,
 )
 from evals.tasks import ArithTask, FactsTask, Sample
 from evals.tasks.arith import (
@@ -156,8 +156,8 @@ def facts_closed(sample: Sample, rng: random.Random) -> Conversation:
 def facts_rag(rng: random.Random, task: FactsTask, n_passages: int = 1) -> Conversation:
     """Open-book practice: the asked kingdom is drawn fresh, so only its passage knows it.
 
-    The passage follows the question in the user turn (``strategies.rag.with_passages``
-    says why). Distractors (``n_passages`` > 1) are practice kingdoms too: neither seen
+    The passage follows the question in the user turn, and the question is asked again
+    after it (``assist.prompts.ask_with_passages`` says why). Distractors (``n_passages`` > 1) are practice kingdoms too: neither seen
     nor unseen world passages ever appear in a training conversation's context.
     """
     right = task.practice(rng)
@@ -166,7 +166,7 @@ def facts_rag(rng: random.Random, task: FactsTask, n_passages: int = 1) -> Conve
     passages = [Passage(e.id, task.passage(e, rng)) for e in chosen]
     question = task.question(right, rng.choice(list(ATTRIBUTES)))
     return {"messages": [
-        _user(f"{question.question}\n\n{render_passages(passages)}"),
+        _user(ask_with_passages(question.question, passages)),
         _assistant(task.answer_with_citation(question)),
     ]}
 

@@ -118,6 +118,8 @@ def test_facts_world_seen_unseen_and_splits():
         assert f"{task.statement(entity, s.metadata['attribute'])}." in task.passage(entity)
         assert entity.name in task.statement(entity, s.metadata["attribute"])
         assert entity.name not in s.solution and entity.name not in task.answer_with_citation(s)
+        claim = task.claim(entity, s.metadata["attribute"])
+        assert s.solution.startswith(f"{claim}.\n") and claim.endswith(f" {s.answer}")
 
 
 def test_facts_values_come_from_a_vocabulary_every_word_of_which_is_pretrained():

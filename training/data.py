@@ -48,7 +48,7 @@ def _arith(arith: ArithTask, seed: int) -> Iterator[str]:
 def _restated(facts: FactsTask, entity: Entity, rng: random.Random) -> str:
     """A kingdom's passage (worded afresh), then some of its facts stated again, each as an
     answer states it."""
-    claims = [facts.question(entity, a).solution.split("\n")[0] for a in ATTRIBUTES]
+    claims = [f"{facts.claim(entity, a)}." for a in ATTRIBUTES]
     rng.shuffle(claims)
     return f"{facts.passage(entity, rng)}\n" + " ".join(claims[: rng.randint(1, len(claims))])
 

@@ -128,8 +128,7 @@ def facts_probe(model: torch.nn.Module, tok: PreTrainedTokenizerFast, facts: Fac
         for entity in [e for e in facts.entities if e.seen == seen][:n]:
             context = "" if seen else facts.passage(entity, rng) + "\n"
             for attribute in ATTRIBUTES:
-                claim = (facts.statement(entity, attribute) if seen else
-                         facts.question(entity, attribute).solution.split("\n")[0].removesuffix("."))
+                claim = facts.statement(entity, attribute) if seen else facts.claim(entity, attribute)
                 value = entity.value(attribute)
                 scores[kind].append(right(context, claim.removesuffix(f" {value}"), value))
     model.train(was_training)

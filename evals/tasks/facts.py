@@ -220,6 +220,10 @@ class FactsTask(Task):
         """One fact in the canonical wording, naming the kingdom (no final period)."""
         return _STATEMENT[attribute].format(e=entity.name, v=entity.value(attribute))
 
+    def claim(self, entity: Entity, attribute: str) -> str:
+        """One fact as an answer states it, without the kingdom's name (no final period)."""
+        return _CLAIM[attribute].format(v=entity.value(attribute))
+
     def passages(self, seen: bool | None = None) -> list[tuple[str, str]]:
         """(id, text) of every passage, or only the seen / unseen ones."""
         return [(e.id, self.passage(e)) for e in self.entities if seen is None or e.seen == seen]
@@ -235,7 +239,7 @@ class FactsTask(Task):
             id=f"facts-{entity.id}-{attribute}",
             question=ATTRIBUTES[attribute].format(e=entity.name),
             answer=value,
-            solution=f"{_CLAIM[attribute].format(v=value)}.\n#### {value}",
+            solution=f"{self.claim(entity, attribute)}.\n#### {value}",
             metadata={"entity": entity.id, "attribute": attribute, "seen": entity.seen,
                       "split": split},
         )

@@ -1,7 +1,8 @@
 """The one optimisation loop every stage shares.
 
-AdamW with warm-up and cosine decay, gradient clipping, bf16 autocast on a GPU, DDP when
-launched by ``torchrun`` (gloo on CPU, NCCL on GPU), and periodic checkpoints: the state
+AdamW with warm-up and cosine decay, gradient clipping, bf16 autocast on a GPU (on a CPU
+when asked), torch.compile when asked, DDP when launched by ``torchrun`` (gloo on CPU, NCCL
+on GPU), and periodic checkpoints: the state
 (weights, optimiser, step, loss history) is written atomically every ``checkpoint_every``
 steps, and a resumed run continues from it. Batches are a pure function of (seed, step,
 rank), so a resumed run sees exactly the batches the killed one would have.
@@ -179,6 +180,23 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _autocast(device: torch.device, mode: str) -> Any:
+    """bfloat16 autocast where ``mode`` asks for it ("auto": on a GPU only)."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model)``, falling back to eager for any graph that fails to compile
+    (no C++ compiler, say) rather than failing the stage. The caller keeps the original
+    module for ``state_dict()``, whose keys a compiled wrapper would prefix."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model)  # type: ignore[return-value]
+
+
 def _save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -217,8 +235,9 @@ def train(
     if dist.enabled:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda"
-                else nullcontext())
+    if cfg.compile:
+        wrapped = _compiled(wrapped)
+    autocast = _autocast(dist.device, cfg.autocast)
     t0 = time.perf_counter()
     model.train()
     with reporter.task(label, total=cfg.steps, completed=start) as advance:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from training._loop import Dist, StepOutput, load_checkpoint, train
+from training._loop import Dist, StepOutput, load_checkpoint, native_bf16, train
 from training.config import ConfigError, OptimConfig, apply_overrides, preset
 from training.progress import Reporter
 
@@ -41,6 +41,8 @@ def test_cpu_autocast_is_off_unless_asked_and_bf16_when_asked(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
     _, _, off = _run(tmp_path / "off", autocast="off")
     assert set(off) == {torch.float32}
+    _, _, native = _run(tmp_path / "native", autocast="native")  # bf16 only where the CPU has it
+    assert set(native) == {torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32}
 
 
 @pytest.mark.slow

@@ -180,11 +180,16 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (a CPU without it emulates, slowly)."""
+    return device.type == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _autocast(device: torch.device, mode: str) -> Any:
-    """bfloat16 autocast where ``mode`` asks for it ("auto": on a GPU only)."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bfloat16 autocast where ``mode`` asks for it ("auto": on a GPU only; "native": where
+    the device computes it natively)."""
+    cast = {"off": False, "bf16": True, "auto": device.type == "cuda", "native": native_bf16(device)}[mode]
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cast else nullcontext()
 
 
 def _compiled(model: torch.nn.Module) -> torch.nn.Module:

@@ -65,18 +65,19 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     checkpoint_every: int = 25  # a killed run loses at most this many steps
-    # Speed, not recipe: "auto" autocasts to bfloat16 on a GPU only; "bf16" on a CPU too,
-    # where it pays only with native bfloat16 (AVX-512 BF16 / AMX: a `tiny` pretraining step
-    # 443 -> 318 ms on this project's AMD EPYC); "off" keeps float32. `compile` runs the
+    # Speed, not recipe: "auto" autocasts to bfloat16 on a GPU only; "native" also on a CPU
+    # that computes bfloat16 natively (AVX-512 BF16 / AMX: a `tiny` pretraining step 443 ->
+    # 318 ms on this project's AMD EPYC), float32 on one that would emulate it (slower than
+    # float32); "bf16" everywhere; "off" keeps float32. `compile` runs the
     # stage under torch.compile (a C++ compiler needed; the first step waits for it; with
     # bf16 the same step took 211 ms). Both change the numerics, so a recipe's figures hold
     # for the settings they were measured with (README: Train).
-    autocast: Literal["auto", "bf16", "off"] = "auto"
+    autocast: Literal["auto", "native", "bf16", "off"] = "auto"
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.autocast not in ("auto", "bf16", "off"):
-            raise ValueError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
+        if self.autocast not in ("auto", "native", "bf16", "off"):
+            raise ValueError(f"autocast must be auto, native, bf16 or off, got {self.autocast!r}")
 
 
 @dataclass
@@ -185,6 +186,10 @@ def _test() -> RunConfig:
     )
 
 
+# The loop's speed settings a preset can take (OptimConfig.autocast / .compile).
+FAST: dict[str, Any] = {"autocast": "native", "compile": True}
+
+
 def _tiny() -> RunConfig:
     # Tuned on 2 CPU cores: a small model with many optimizer steps learns to copy operands
     # from the question far sooner than a wider one with fewer steps (lr 8e-3 diverged).
@@ -209,22 +214,24 @@ def _tiny() -> RunConfig:
         # everything built on it failed); with 25-30% it came at step 500-600 in both runs
         # tried, the arithmetic at 800-1000, so 1500 steps leave a margin for both.
         # lr 4e-3 kept the copy from ever forming (8e-3 diverged).
+        # Compiled, in bfloat16 where the CPU computes it natively (`FAST`): every figure of
+        # the demo was measured so (README: Train).
         pretrain=OptimConfig(steps=1500, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=30,
-                             checkpoint_every=100),
+                             checkpoint_every=100, **FAST),
         # 15% of SFT rows replay the seen world's passages: without them SFT wore the base
         # model's recall of seen facts from 0.87 to 0.29 (teacher-forced) and closed book on
         # seen kingdoms scored 0%; with them recall stayed at 0.97 and closed book 72%.
         sft=SFTConfig(steps=360, batch_size=16, seq_len=448, lr=2e-3, warmup_steps=20,
                       checkpoint_every=100, replay=0.15, mixture={
                           "arith_cot": 0.26, "arith_direct": 0.04, "arith_tools": 0.3,
-                          "arith_reflect": 0.16, "facts_closed": 0.08, "facts_rag": 0.16}),
+                          "arith_reflect": 0.16, "facts_closed": 0.08, "facts_rag": 0.16}, **FAST),
         rm=RewardConfig(steps=120, batch_size=8, lr=1e-3, warmup_steps=10, prompts=384,
-                        checkpoint_every=40),
+                        checkpoint_every=40, **FAST),
         # The reward model's scalar plus the labeller's own verdict: a verifier of a million
         # parameters is right on most pairs but not all, and RL finds its blind spots within
         # a few dozen steps; the labeller's signal keeps the policy honest (README: RLHF).
         rl=RLConfig(steps=30, batch_size=8, lr=5e-5, warmup_steps=3, checkpoint_every=10,
-                    reward="both"),
+                    reward="both", **FAST),
         facts=FactsConfig(vocabulary=24),
     )
 

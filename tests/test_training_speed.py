@@ -4,6 +4,10 @@ asked; both leave the stage's module, its float32 weights and its checkpoints as
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,8 @@ from training.config import ConfigError, OptimConfig, apply_overrides, preset
 from training.progress import Reporter
 
 
-def _run(tmp_path, **settings) -> tuple[torch.nn.Module, list[torch.nn.Module], list[torch.dtype]]:
+def _run(tmp_path, log: io.StringIO | None = None,
+         **settings) -> tuple[torch.nn.Module, list[torch.nn.Module], list[torch.dtype]]:
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
     cfg = OptimConfig(steps=4, batch_size=1, lr=1e-2, warmup_steps=1, checkpoint_every=2, **settings)
@@ -29,7 +34,7 @@ def _run(tmp_path, **settings) -> tuple[torch.nn.Module, list[torch.nn.Module], 
         return StepOutput(out.float().pow(2).mean(), 16)
 
     train(model, cfg, step_fn, checkpoint=tmp_path / "toy.pt", dist=Dist(),
-          reporter=Reporter(console=Console(file=io.StringIO())), label="toy", resume=False)
+          reporter=Reporter(console=Console(file=log or io.StringIO())), label="toy", resume=False)
     return model, seen, dtypes
 
 
@@ -63,3 +68,24 @@ def test_speed_settings_are_checked_flags():
         apply_overrides(preset("test"), ["pretrain.autocast=fp16"])
     with pytest.raises(ValueError, match="autocast"):
         OptimConfig(autocast="fp16")  # type: ignore[arg-type]
+
+
+_EAGER_WITHOUT_COMPILER = """
+import io, pathlib, sys
+from tests.test_training_speed import _run
+log = io.StringIO()
+model, seen, _ = _run(pathlib.Path(sys.argv[1]), log, compile=True)
+assert seen[0] is model, "the steps ran a compiled wrapper"
+print(log.getvalue())
+"""
+
+
+@pytest.mark.slow
+def test_without_a_cxx_compiler_a_compiled_stage_trains_eagerly_and_says_so(tmp_path):
+    # A new process: this one may hold compiled kernels already. A backward that cannot be
+    # compiled fails when first run, past torch's own fallback, so the loop probes first.
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run([sys.executable, "-c", _EAGER_WITHOUT_COMPILER, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.compile is unavailable here" in done.stdout and "training eagerly" in done.stdout

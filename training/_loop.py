@@ -192,13 +192,20 @@ def _autocast(device: torch.device, mode: str) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16) if cast else nullcontext()
 
 
-def _compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile(model)``, falling back to eager for any graph that fails to compile
-    (no C++ compiler, say) rather than failing the stage. The caller keeps the original
-    module for ``state_dict()``, whose keys a compiled wrapper would prefix."""
+def _compiled(model: torch.nn.Module, device: torch.device, reporter: Reporter, label: str) -> torch.nn.Module:
+    """``torch.compile(model)``, or ``model`` itself where compiling cannot work here (no C++
+    compiler, say): a probe compiles a forward and backward first, since a backward fails
+    only when it is first run, past any fallback. The caller keeps the original module for
+    ``state_dict()``, whose keys a compiled wrapper would prefix."""
     import torch._dynamo
 
-    torch._dynamo.config.suppress_errors = True
+    try:
+        x = torch.ones(4, device=device, requires_grad=True)
+        torch.compile(lambda t: (t * 2).sin().sum())(x).backward()
+    except Exception as exc:  # noqa: BLE001 - any failure means: train eagerly
+        reporter.log(f"{label}: torch.compile is unavailable here ({type(exc).__name__}); training eagerly")
+        return model
+    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
     return torch.compile(model)  # type: ignore[return-value]
 
 
@@ -241,7 +248,7 @@ def train(
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if cfg.compile:
-        wrapped = _compiled(wrapped)
+        wrapped = _compiled(wrapped, dist.device, reporter, label)
     autocast = _autocast(dist.device, cfg.autocast)
     t0 = time.perf_counter()
     model.train()

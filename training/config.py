@@ -66,12 +66,12 @@ class OptimConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 25  # a killed run loses at most this many steps
     # Speed, not recipe: "auto" autocasts to bfloat16 on a GPU only; "native" also on a CPU
-    # that computes bfloat16 natively (AVX-512 BF16 / AMX: a `tiny` pretraining step 443 ->
-    # 318 ms on this project's AMD EPYC), float32 on one that would emulate it (slower than
-    # float32); "bf16" everywhere; "off" keeps float32. `compile` runs the
-    # stage under torch.compile (a C++ compiler needed; the first step waits for it; with
-    # bf16 the same step took 211 ms). Both change the numerics, so a recipe's figures hold
-    # for the settings they were measured with (README: Train).
+    # that computes bfloat16 natively (AVX-512 BF16 / AMX: a `tiny` pretraining step 365 ->
+    # 312 ms on this project's AMD EPYC), float32 on one that would emulate it (slower than
+    # float32); "bf16" everywhere; "off" keeps float32. `compile` runs the stage under
+    # torch.compile (a C++ compiler needed, else eager; the first steps wait for it; with
+    # bf16 the same step takes 185 ms: bench/train_step.py). Both change the numerics, so a
+    # recipe's figures hold for the settings they were measured with (README: Train).
     autocast: Literal["auto", "native", "bf16", "off"] = "auto"
     compile: bool = False
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import write  # noqa: E402
+from training._loop import autocast_for  # noqa: E402
 from training._model import llama_config  # noqa: E402
 from training.config import preset  # noqa: E402
 
@@ -50,7 +50,7 @@ def step_ms(mode: str, config, steps: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(config.model, _Vocab(config.model.vocab_size)))
     run = torch.compile(model) if mode.startswith("compile") else model
-    cast = torch.autocast("cpu", dtype=torch.bfloat16) if mode.endswith("bf16") else nullcontext()
+    cast = autocast_for(torch.device("cpu"), "bf16" if mode.endswith("bf16") else "off")  # as the loop does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     p = config.pretrain
     x = torch.randint(0, config.model.vocab_size, (p.batch_size, p.seq_len))

@@ -17,6 +17,7 @@ code when it is loaded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -42,8 +43,10 @@ __all__ = [
     "Dist",
     "LoopResult",
     "StepOutput",
+    "autocast_for",
     "load_checkpoint",
     "lr_at",
+    "native_bf16",
     "rng_state",
     "seed_stage",
     "set_rng_state",
@@ -185,25 +188,35 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _autocast(device: torch.device, mode: str) -> Any:
+def autocast_for(device: torch.device, mode: str) -> Any:
     """bfloat16 autocast where ``mode`` asks for it ("auto": on a GPU only; "native": where
     the device computes it natively)."""
     cast = {"off": False, "bf16": True, "auto": device.type == "cuda", "native": native_bf16(device)}[mode]
     return torch.autocast(device.type, dtype=torch.bfloat16) if cast else nullcontext()
 
 
-def _compiled(model: torch.nn.Module, device: torch.device, reporter: Reporter, label: str) -> torch.nn.Module:
-    """``torch.compile(model)``, or ``model`` itself where compiling cannot work here (no C++
-    compiler, say): a probe compiles a forward and backward first, since a backward fails
-    only when it is first run, past any fallback. The caller keeps the original module for
-    ``state_dict()``, whose keys a compiled wrapper would prefix."""
-    import torch._dynamo
-
+@functools.cache
+def _compile_failure(device: str) -> str | None:
+    """Why torch.compile cannot work on ``device`` here (no C++ compiler, say), or None. A
+    probe compiles a forward and a backward, since a backward fails only when it is first
+    run, past torch's own fallback. Once per process and device: every stage asks."""
     try:
         x = torch.ones(4, device=device, requires_grad=True)
         torch.compile(lambda t: (t * 2).sin().sum())(x).backward()
     except Exception as exc:  # noqa: BLE001 - any failure means: train eagerly
-        reporter.log(f"{label}: torch.compile is unavailable here ({type(exc).__name__}); training eagerly")
+        return type(exc).__name__
+    return None
+
+
+def _compiled(model: torch.nn.Module, device: torch.device, reporter: Reporter, label: str) -> torch.nn.Module:
+    """``torch.compile(model)``, or ``model`` itself where compiling cannot work here. The
+    caller keeps the original module for ``state_dict()``, whose keys a compiled wrapper
+    would prefix."""
+    import torch._dynamo
+
+    failure = _compile_failure(str(device))
+    if failure is not None:
+        reporter.log(f"{label}: torch.compile is unavailable here ({failure}); training eagerly")
         return model
     torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
     return torch.compile(model)  # type: ignore[return-value]
@@ -249,7 +262,7 @@ def train(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if cfg.compile:
         wrapped = _compiled(wrapped, dist.device, reporter, label)
-    autocast = _autocast(dist.device, cfg.autocast)
+    autocast = autocast_for(dist.device, cfg.autocast)
     t0 = time.perf_counter()
     model.train()
     with reporter.task(label, total=cfg.steps, completed=start) as advance:

@@ -54,6 +54,10 @@ class ModelConfig:
     max_seq_len: int = 512
 
 
+# OptimConfig.autocast: where the loop computes in bfloat16 (the one list of its modes).
+Autocast = Literal["auto", "native", "bf16", "off"]
+
+
 @dataclass
 class OptimConfig:
     steps: int = 100
@@ -72,12 +76,13 @@ class OptimConfig:
     # torch.compile (a C++ compiler needed, else eager; the first steps wait for it; with
     # bf16 the same step takes 185 ms: bench/train_step.py). Both change the numerics, so a
     # recipe's figures hold for the settings they were measured with (README: Train).
-    autocast: Literal["auto", "native", "bf16", "off"] = "auto"
+    autocast: Autocast = "auto"
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.autocast not in ("auto", "native", "bf16", "off"):
-            raise ValueError(f"autocast must be auto, native, bf16 or off, got {self.autocast!r}")
+        if self.autocast not in typing.get_args(Autocast):
+            raise ValueError(f"autocast must be one of {', '.join(typing.get_args(Autocast))}, "
+                             f"got {self.autocast!r}")
 
 
 @dataclass

@@ -25,7 +25,8 @@ def test_presets_and_overrides():
     for bad, message in [("nosuch.x=1", "no section"), ("pretrain.steps=abc", "not a int"),
                          ("rl.reward=magic", "one of"), ("pretrain.steps", "section.field=value"),
                          ("arith.min_steps=9", "min_steps"), ("sft.replay=1.5", "replay"),
-                         ("preset=small", "--preset")]:
+                         ("preset=small", "--preset"), ("sft.micro_batches=0", "micro_batches"),
+                         ("sft.micro_batches=99", "micro_batches")]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(preset("test"), [bad])
     with pytest.raises(ConfigError, match="unknown preset"):
@@ -154,3 +155,42 @@ def test_sft_replays_seen_passages_in_the_share_asked():
     unseen = [e.name for e in facts.entities if not e.seen]
     assert not any(f"{name} is a kingdom" in text for name in unseen)  # only the seen world
     assert any(f"{e.name} is a kingdom" in text for e in facts.entities if e.seen)
+
+
+def test_sft_micro_batches_give_the_one_pass_loss_and_gradient():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training._model import IGNORE
+    from training.sft import batch_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, pad_token_id=0))
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for length in (5, 17, 9, 30, 12, 3, 21):  # ragged, the way conversations and replay rows are
+        ids = torch.randint(1, 50, (length,), generator=gen).tolist()
+        prompt = length // 3  # the loss falls only on what follows the prompt
+        rows.append((ids, [IGNORE] * prompt + ids[prompt:]))
+
+    def loss_and_grad(micro: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        model.zero_grad()
+        loss, tokens, labelled = batch_loss(model, rows, 0, micro, torch.device("cpu"))
+        loss.backward()
+        return loss.detach(), model.model.embed_tokens.weight.grad.clone(), tokens, labelled
+
+    one, grad, tokens, labelled = loss_and_grad(1)
+    assert tokens == sum(len(r[0]) for r in rows)  # padding is not counted
+    assert labelled == sum(len(r[0]) - len(r[0]) // 3 for r in rows)
+    # the transformers loss on the same batch in one padded pass, as SFT once computed it
+    from training._model import pad_right
+    ids, labels = pad_right([r[0] for r in rows], 0), pad_right([r[1] for r in rows], IGNORE)
+    mask = pad_right([[1] * len(r[0]) for r in rows], 0)
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
+    torch.testing.assert_close(one, reference, rtol=1e-5, atol=1e-6)
+    for micro in (2, 3, 7):
+        loss, g, t, n = loss_and_grad(micro)
+        torch.testing.assert_close(loss, one, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, grad, rtol=1e-4, atol=1e-7)
+        assert (t, n) == (tokens, labelled)

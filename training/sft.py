@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from assist.chat_format import END_OF_TEXT
@@ -25,7 +26,7 @@ from training.config import RunConfig
 from training.progress import Reporter
 from training.tokenizer import load_tokenizer
 
-__all__ = ["run"]
+__all__ = ["batch_loss", "run"]
 
 
 def _replay_rows(tok: PreTrainedTokenizerFast, cfg: RunConfig, seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
@@ -62,6 +63,33 @@ def _with_replay(encoded: list[tuple[list[int], list[int]]], share: float,
     return out
 
 
+def batch_loss(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: int,
+               micro_batches: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """Mean next-token loss over every labelled token of ``rows``, run as ``micro_batches``
+    forward passes: (loss, tokens read, labelled tokens).
+
+    The rows are sorted by length and split in order, so each pass pads only to its own
+    longest row (a 448-token replay row no longer pads fifteen 160-token conversations);
+    each pass's summed loss is divided by the whole batch's count, so the sum of the passes
+    is the one-pass loss and its gradient, whatever the split.
+    """
+    rows = sorted(rows, key=lambda r: len(r[0]))
+    labelled = sum(sum(t != IGNORE for t in r[1][1:]) for r in rows)  # targets after the shift
+    size = -(-len(rows) // micro_batches)
+    loss = torch.zeros((), device=device)
+    tokens = 0
+    for first in range(0, len(rows), size):
+        chunk = rows[first: first + size]
+        ids = pad_right([r[0] for r in chunk], pad_id).to(device)
+        labels = pad_right([r[1] for r in chunk], IGNORE).to(device)
+        mask = pad_right([[1] * len(r[0]) for r in chunk], 0).to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = loss + F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                      ignore_index=IGNORE, reduction="sum") / max(labelled, 1)
+        tokens += int(mask.sum())
+    return loss, tokens, labelled
+
+
 def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool,
         from_scratch: bool = False) -> tuple[torch.nn.Module, LoopResult]:
     """SFT from the pretrained base, or (``from_scratch``, the ``scratch`` stage) the very
@@ -83,12 +111,9 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool,
 
     def step_fn(m: torch.nn.Module, step: int) -> StepOutput:
         first = (step * dist.world_size + dist.rank) * s.batch_size
-        rows = encoded[first: first + s.batch_size]
-        ids = pad_right([r[0] for r in rows], tok.pad_token_id).to(dist.device)
-        labels = pad_right([r[1] for r in rows], IGNORE).to(dist.device)
-        mask = pad_right([[1] * len(r[0]) for r in rows], 0).to(dist.device)
-        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
-        return StepOutput(loss, int(mask.sum()), {"assistant_tokens": float((labels != IGNORE).sum())})
+        loss, tokens, labelled = batch_loss(m, encoded[first: first + s.batch_size], tok.pad_token_id,
+                                            s.micro_batches, dist.device)
+        return StepOutput(loss, tokens, {"assistant_tokens": float(labelled)})
 
     result = train(model, s, step_fn, checkpoint=out / "checkpoints" / f"{label}.pt", dist=dist,
                    reporter=reporter, label=label, resume=resume)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch._dynamo import config as dynamo_config
 
 from assist.errors import BadRequest
 from training.config import OptimConfig
@@ -212,13 +213,10 @@ def _compiled(model: torch.nn.Module, device: torch.device, reporter: Reporter, 
     """``torch.compile(model)``, or ``model`` itself where compiling cannot work here. The
     caller keeps the original module for ``state_dict()``, whose keys a compiled wrapper
     would prefix."""
-    import torch._dynamo
-
     failure = _compile_failure(str(device))
     if failure is not None:
         reporter.log(f"{label}: torch.compile is unavailable here ({failure}); training eagerly")
         return model
-    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
     return torch.compile(model)  # type: ignore[return-value]
 
 
@@ -263,9 +261,12 @@ def train(
     if cfg.compile:
         wrapped = _compiled(wrapped, dist.device, reporter, label)
     autocast = autocast_for(dist.device, cfg.autocast)
+    # Compiling is lazy (at the first steps): for this loop only, a graph that fails to
+    # compile runs eagerly instead of ending the stage; the process's setting is restored.
+    lenient = dynamo_config.patch(suppress_errors=True) if cfg.compile else nullcontext()
     t0 = time.perf_counter()
     model.train()
-    with reporter.task(label, total=cfg.steps, completed=start) as advance:
+    with lenient, reporter.task(label, total=cfg.steps, completed=start) as advance:
         for step in range(start, cfg.steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)

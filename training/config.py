@@ -198,10 +198,12 @@ def _test() -> RunConfig:
     )
 
 
-# The loop's speed settings a preset can take (OptimConfig.autocast / .compile). Compiling
-# pays when a stage runs many steps of one shape (pretraining: 35 s of compiling, cold, then
-# 312 -> 185 ms a step); stages whose shapes vary recompile several times (SFT: three
-# compiles, 80 s) and run their few steps eagerly faster.
+# The loop's speed settings a preset can take (OptimConfig.autocast / .compile), measured on
+# `tiny` here. Compiling pays when a stage runs many steps of one shape (pretraining: 35 s
+# of compiling, cold, then 312 -> 185 ms a step); SFT's shapes vary, it recompiled three
+# times (80 s) and runs its 360 steps eagerly faster. RM and RL mostly sample, one token
+# at a time, where autocast's casts cost more than bfloat16 saves (RL: 163 s in bfloat16,
+# 103-121 s in float32), so they keep the defaults.
 BF16: dict[str, Any] = {"autocast": "native"}
 FAST: dict[str, Any] = {**BF16, "compile": True}
 
@@ -230,8 +232,9 @@ def _tiny() -> RunConfig:
         # everything built on it failed); with 25-30% it came at step 500-600 in both runs
         # tried, the arithmetic at 800-1000, so 1500 steps leave a margin for both.
         # lr 4e-3 kept the copy from ever forming (8e-3 diverged).
-        # Compiled, in bfloat16 where the CPU computes it natively (`FAST`): every figure of
-        # the demo was measured so (README: Train).
+        # Pretraining compiled, in bfloat16 where the CPU computes it natively (`FAST`), SFT
+        # in bfloat16 eagerly (`BF16`), RM and RL in float32: every figure of the demo was
+        # measured so (README: Train).
         pretrain=OptimConfig(steps=1500, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=30,
                              checkpoint_every=100, **FAST),
         # 15% of SFT rows replay the seen world's passages: without them SFT wore the base
@@ -242,12 +245,12 @@ def _tiny() -> RunConfig:
                           "arith_cot": 0.26, "arith_direct": 0.04, "arith_tools": 0.3,
                           "arith_reflect": 0.16, "facts_closed": 0.08, "facts_rag": 0.16}, **BF16),
         rm=RewardConfig(steps=120, batch_size=8, lr=1e-3, warmup_steps=10, prompts=384,
-                        checkpoint_every=40, **BF16),
+                        checkpoint_every=40),
         # The reward model's scalar plus the labeller's own verdict: a verifier of a million
         # parameters is right on most pairs but not all, and RL finds its blind spots within
         # a few dozen steps; the labeller's signal keeps the policy honest (README: RLHF).
         rl=RLConfig(steps=30, batch_size=8, lr=5e-5, warmup_steps=3, checkpoint_every=10,
-                    reward="both", **BF16),
+                    reward="both"),
         facts=FactsConfig(vocabulary=24),
     )
 

@@ -176,7 +176,7 @@ def test_sft_micro_batches_give_the_one_pass_loss_and_gradient():
 
     def loss_and_grad(micro: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         model.zero_grad()
-        loss, tokens, labelled = batch_loss(model, rows, 0, micro, torch.device("cpu"))
+        loss, tokens, labelled = batch_loss(model, rows, 0, micro)
         loss.backward()
         return loss.detach(), model.model.embed_tokens.weight.grad.clone(), tokens, labelled
 

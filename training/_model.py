@@ -27,6 +27,7 @@ __all__ = [
     "pad_right",
     "save_stage",
     "stop_ids",
+    "token_logprobs",
 ]
 
 IGNORE = -100
@@ -115,3 +116,13 @@ def pad_right(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
     return out
+
+
+def token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """log p of each row's token t given tokens < t (column 0 is zero), right-padded."""
+    device = next(model.parameters()).device
+    ids = pad_right(rows, pad_id).to(device)
+    mask = pad_right([[1] * len(r) for r in rows], 0).to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)

@@ -20,23 +20,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from assist.chat_format import reward_scores
 from evals.tasks import ArithTask
 from training._loop import Dist, LoopResult, StepOutput, train
-from training._model import pad_right
+from training._model import pad_right, token_logprobs
 from training.config import RunConfig
 from training.progress import Reporter
 from training.rollouts import rollouts
 from training.tokenizer import load_tokenizer
 
-__all__ = ["advantages", "run", "token_logprobs"]
-
-
-def token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    """log p of each row's token t given tokens < t (column 0 is zero), right-padded."""
-    device = next(model.parameters()).device
-    ids = pad_right(rows, pad_id).to(device)
-    mask = pad_right([[1] * len(r) for r in rows], 0).to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+__all__ = ["advantages", "run", "token_logprobs"]  # token_logprobs: SFT shares it (training/_model.py)
 
 
 def advantages(reward: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -14,14 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from assist.chat_format import END_OF_TEXT
 from evals.tasks import ArithTask, FactsTask
 from training import conversations, data
 from training._loop import Dist, LoopResult, StepOutput, train
-from training._model import IGNORE, encode_chat, new_model, pad_right
+from training._model import IGNORE, encode_chat, new_model, pad_right, token_logprobs
 from training.config import RunConfig
 from training.progress import Reporter
 from training.tokenizer import load_tokenizer
@@ -64,9 +63,9 @@ def _with_replay(encoded: list[tuple[list[int], list[int]]], share: float,
 
 
 def batch_loss(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: int,
-               micro_batches: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """Mean next-token loss over every labelled token of ``rows``, run as ``micro_batches``
-    forward passes: (loss, tokens read, labelled tokens).
+               micro_batches: int) -> tuple[torch.Tensor, int, int]:
+    """Mean next-token loss over every labelled token of ``rows``, run in at most
+    ``micro_batches`` forward passes: (loss, tokens read, labelled tokens).
 
     The rows are sorted by length and split in order, so each pass pads only to its own
     longest row (a 448-token replay row no longer pads fifteen 160-token conversations);
@@ -76,18 +75,13 @@ def batch_loss(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], 
     rows = sorted(rows, key=lambda r: len(r[0]))
     labelled = sum(sum(t != IGNORE for t in r[1][1:]) for r in rows)  # targets after the shift
     size = -(-len(rows) // micro_batches)
-    loss = torch.zeros((), device=device)
-    tokens = 0
+    summed = []
     for first in range(0, len(rows), size):
         chunk = rows[first: first + size]
-        ids = pad_right([r[0] for r in chunk], pad_id).to(device)
-        labels = pad_right([r[1] for r in chunk], IGNORE).to(device)
-        mask = pad_right([[1] * len(r[0]) for r in chunk], 0).to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        loss = loss + F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                      ignore_index=IGNORE, reduction="sum") / max(labelled, 1)
-        tokens += int(mask.sum())
-    return loss, tokens, labelled
+        logp = token_logprobs(model, [r[0] for r in chunk], pad_id)  # column 0 is zero
+        target = pad_right([r[1] for r in chunk], IGNORE).to(logp.device) != IGNORE
+        summed.append(-(logp * target).sum())
+    return torch.stack(summed).sum() / max(labelled, 1), sum(len(r[0]) for r in rows), labelled
 
 
 def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool,
@@ -112,7 +106,7 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool,
     def step_fn(m: torch.nn.Module, step: int) -> StepOutput:
         first = (step * dist.world_size + dist.rank) * s.batch_size
         loss, tokens, labelled = batch_loss(m, encoded[first: first + s.batch_size], tok.pad_token_id,
-                                            s.micro_batches, dist.device)
+                                            s.micro_batches)
         return StepOutput(loss, tokens, {"assistant_tokens": float(labelled)})
 
     result = train(model, s, step_fn, checkpoint=out / "checkpoints" / f"{label}.pt", dist=dist,

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import write  # noqa: E402
-from training._loop import autocast_for  # noqa: E402
+from training._loop import autocast_for, native_bf16  # noqa: E402
 from training._model import llama_config  # noqa: E402
 from training.config import preset  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> None:
     config = preset(args.preset)
     figures: dict = {"preset": args.preset, "batch": [config.pretrain.batch_size, config.pretrain.seq_len],
                      "steps_timed": args.steps,
-                     "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "modes": {}}
+                     "native_bf16": native_bf16(torch.device("cpu")), "modes": {}}
     for mode in modes:
         figures["modes"][mode] = step_ms(mode, config, args.steps)
         print(mode, figures["modes"][mode], flush=True)

@@ -82,13 +82,16 @@ def sample(
         mask[i, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    out_tokens: list[torch.Tensor] = []
-    out_logprobs: list[torch.Tensor] = []
-    out_entropy: list[torch.Tensor] = []
+    n = len(prompts)
+    out_tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(n, max_new_tokens, device=device)
+    out_entropy = torch.zeros(n, max_new_tokens, device=device)
+    rows = torch.arange(n, device=device)  # the prompts still in the batch, by index
+    done = torch.zeros(n, dtype=torch.bool, device=device)
     past = None
     step_ids, step_pos = ids, positions
-    for _ in range(max_new_tokens):
+    steps = 0
+    for t in range(max_new_tokens):
         result = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                        past_key_values=past, use_cache=True, logits_to_keep=1)
         past = result.past_key_values
@@ -101,19 +104,29 @@ def sample(
             filtered = filter_logits(logits / temperature, top_k, top_p)
             token = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator)[:, 0]
         token = torch.where(done, torch.full_like(token, pad_id), token)
-        out_tokens.append(token)
-        out_logprobs.append(logp_full.gather(-1, token[:, None])[:, 0])
-        out_entropy.append(entropy)
+        out_tokens[rows, t] = token
+        out_logprobs[rows, t] = logp_full.gather(-1, token[:, None])[:, 0]
+        out_entropy[rows, t] = entropy
+        steps = t + 1
         done = done | torch.isin(token, stops)
         if bool(done.all()):
             break
-        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         step_pos = step_pos[:, -1:] + 1
         step_ids = token[:, None]
+        # Finished rows leave the batch (their cache rows too) once they are a quarter of
+        # it: rollouts end at very different lengths, and a finished row would otherwise be
+        # computed until the longest ends. Dropping rows changes no other row's tokens.
+        finished = int(done.sum())
+        if finished * 4 >= len(rows):
+            keep = (~done).nonzero()[:, 0]
+            past.batch_select_indices(keep)
+            rows, done, mask = rows[keep], done[keep], mask[keep]
+            step_pos, step_ids = step_pos[keep], step_ids[keep]
 
-    tokens = torch.stack(out_tokens, 1).tolist()
-    logprobs = torch.stack(out_logprobs, 1).tolist()
-    entropies = torch.stack(out_entropy, 1).tolist()
+    tokens = out_tokens[:, :steps].tolist()
+    logprobs = out_logprobs[:, :steps].tolist()
+    entropies = out_entropy[:, :steps].tolist()
     stop_set = set(stops.tolist())
     completions = []
     for row, lp, ent in zip(tokens, logprobs, entropies, strict=True):

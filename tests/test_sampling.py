@@ -52,3 +52,29 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     # softmax ~ [0.64, 0.24, 0.09, 0.03]: top_p=0.7 keeps the first two (the crossing token too).
     assert torch.isfinite(filter_logits(logits, 0, 0.7)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(filter_logits(logits, 0, 0.5)).tolist() == [[True, False, False, False]]
+
+
+def test_finished_rows_leave_the_batch_without_changing_the_others():
+    model = _model()
+    prompts = [[5, 6, 7], [9], [3, 4, 5, 6, 7, 8, 10], [11, 12], [13], [14, 15]]
+    free = [sample(model, [p], max_new_tokens=16, stop_ids=[49], pad_id=0)[0] for p in prompts]
+    # A stop token that ends some rows early and leaves others running to the end.
+    counts: dict[int, int] = {}
+    for c in free:
+        for t in c.tokens[1:8]:
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=lambda t: (counts[t] < len(prompts), counts[t]))
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        together = sample(model, prompts, max_new_tokens=16, stop_ids=[stop], pad_id=0)
+    finally:
+        hook.remove()
+    alone = [sample(model, [p], max_new_tokens=16, stop_ids=[stop], pad_id=0)[0] for p in prompts]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
+    assert {c.finish_reason for c in together} == {"stop", "length"}  # the case this test is about
+    assert widths[0] == len(prompts) and min(widths) < len(prompts)  # rows really left
+    for c in together:
+        assert len(c.logprobs) == len(c.entropies) == len(c.tokens)

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import RESULTS, write  # noqa: E402
+from training.card import train_wall_s  # noqa: E402
 
 
 def _ensure(run: Path, seed: int, preset: str) -> None:
@@ -40,7 +41,7 @@ def figures_of(run: Path) -> dict:
     claims = json.loads((run / "eval" / "claims.json").read_text())
     timing = json.loads((run / "eval" / "demo_timing.json").read_text())
     stages = {s: m.get("stage_wall_s", m.get("wall_s")) for s, m in ledger["stages"].items()}
-    train_s = sum(v or 0 for v in stages.values())
+    train_s = train_wall_s(ledger)  # scratch may run beside rm and rl: not the stages' sum
     eval_s = timing["first_pass_wall_s"]
     strategies = {s: {"accuracy": row["accuracy"], "ci95": row["ci95"], "n": row["n"],
                       "tokens_per_item": row["tokens_per_item"]["total"], "calls_per_item": row["calls_per_item"],

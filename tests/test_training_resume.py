@@ -140,3 +140,41 @@ def test_a_crafted_checkpoint_in_a_run_folder_stops_resume_with_one_line(tmp_pat
         run(cfg, out, ["pretrain"], resume=True, reporter=_quiet())
     assert not marker.exists()
     shutil.rmtree(out)
+
+
+def _train_small(out, *args: str):
+    # Two threads, so the run may give one to a second process whatever this machine has.
+    return run_assist("train", "--preset", "test", *[a for s in SMALL for a in ("--set", s)],
+                      "--out", str(out), *args, env={"OMP_NUM_THREADS": "2"})
+
+
+def test_scratch_trains_in_a_second_process_beside_rm_and_rl(tmp_path):
+    beside, sequential = tmp_path / "beside", tmp_path / "sequential"
+    proc = _train_small(beside)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scratch: training in a second process beside the stages after it (1 of 2 threads" in proc.stdout
+    ledger = json.loads((beside / "metrics.json").read_text())
+    assert list(ledger["stages"]) == ["tokenizer", "pretrain", "sft", "scratch", "rm", "rl"]  # pipeline order
+    assert ledger["stages"]["scratch"]["beside"] is True
+    assert "scratch: done in" in (beside / "logs" / "scratch.log").read_text()
+    assert ledger["wall_s"] > 0  # the run's own wall time: the stages' times overlap
+    # --sequential: the same stages, one after another, in one process
+    proc = _train_small(sequential, "--sequential")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ledger = json.loads((sequential / "metrics.json").read_text())
+    assert "beside" not in ledger["stages"]["scratch"] and not (sequential / "logs").exists()
+    assert ledger["stages"]["scratch"]["steps"] == ledger["stages"]["sft"]["steps"]
+
+
+def test_a_stage_failing_in_its_second_process_fails_the_run_with_one_line(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    proc = _train_small(out, "--stages", "tokenizer,pretrain,sft")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _crafted_checkpoint(out / "checkpoints" / "scratch.pt", marker)
+    proc = _train_small(out, "--stages", "scratch,rm,rl", "--resume")
+    assert proc.returncode != 0
+    assert "stage 'scratch' failed in its own process" in proc.stderr
+    assert "scratch.pt holds objects other than tensors" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+    ledger = json.loads((out / "metrics.json").read_text())
+    assert "scratch" not in ledger["stages"] and "rm" in ledger["stages"]  # what finished is kept

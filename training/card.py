@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summary_rows", "write_card"]
+__all__ = ["summary_rows", "train_wall_s", "write_card"]
 
 
 def _fmt(x: Any) -> str:
@@ -14,6 +14,15 @@ def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     return str(x)
+
+
+def train_wall_s(ledger: dict[str, Any]) -> float:
+    """Seconds the run took: the wall time the pipeline recorded (``scratch`` may run beside
+    ``rm`` and ``rl``, so the stages' own times add up to more), or, for a run recorded
+    before it did, the sum of its stages."""
+    if ledger.get("wall_s") is not None:
+        return float(ledger["wall_s"])
+    return float(sum(m.get("stage_wall_s", m.get("wall_s", 0)) or 0 for m in ledger.get("stages", {}).values()))
 
 
 def summary_rows(ledger: dict[str, Any]) -> list[tuple[str, ...]]:

@@ -76,7 +76,7 @@ def write_report(run_dir: Path, limit: int) -> tuple[Path, Any]:
         plot_maj_at_k,
         summarize,
     )
-    from training.card import summary_rows
+    from training.card import summary_rows, train_wall_s
 
     ev, out = run_dir / "eval", run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def write_report(run_dir: Path, limit: int) -> tuple[Path, Any]:
     facts = summarize(demo_records(ev / "facts"))
     ledger = json.loads((run_dir / "metrics.json").read_text())
     stages = ledger.get("stages", {})
-    train_s = sum(m.get("stage_wall_s", m.get("wall_s", 0)) or 0 for m in stages.values())
+    train_s = train_wall_s(ledger)
     timing = json.loads((ev / "demo_timing.json").read_text()) if (ev / "demo_timing.json").is_file() else {}
     diversity_path = ev / "diversity" / "diversity.json"
     diversity = json.loads(diversity_path.read_text())["rows"] if diversity_path.is_file() else []
@@ -112,6 +112,8 @@ def write_report(run_dir: Path, limit: int) -> tuple[Path, Any]:
         "",
         "| part | seconds |", "|---|---|",
         *[f"| train: {stage} | {m.get('stage_wall_s', m.get('wall_s', 0))} |" for stage, m in stages.items()],
+        *(["| (`scratch` ran in a second process beside `rm` and `rl`) | |"]
+          if stages.get("scratch", {}).get("beside") else []),
         f"| **training, all stages** | **{train_s:.0f}** ({train_s / 60:.1f} min) |",
         *[f"| eval: {name} | {s} |" for name, s in timing.get("steps", {}).items()],
         f"| **evaluation, first pass** | **{timing.get('first_pass_wall_s', 0):.0f}** "

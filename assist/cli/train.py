@@ -26,6 +26,8 @@ class TrainFlags:
     resume: bool = opt(False, "continue a run: finished stages are kept, a cut stage resumes "
                               "from its checkpoint")
     seed: int | None = opt(None, "random seed (default: the preset's, 0)")
+    sequential: bool = opt(False, "every stage in this process, one after another (by default, on a "
+                                  "CPU with 2+ threads, scratch trains in a second process beside rm and rl)")
     set: list[str] = opt(default_factory=list, metavar="SECTION.FIELD=VALUE",
                          help="override a config field, e.g. --set pretrain.steps=400 (repeatable)")
 
@@ -53,7 +55,8 @@ def _train(args: argparse.Namespace) -> int:
         raise RunError(f"--out {out} exists and is not a folder")
     reporter = Reporter()
     try:
-        ledger = run(cfg, out, stages, resume=flags.resume, reporter=reporter)
+        ledger = run(cfg, out, stages, resume=flags.resume, reporter=reporter,
+                     overlap=not flags.sequential)
     except KeyboardInterrupt:
         print("assist train: interrupted; finished stages and the last checkpoint are kept, "
               "continue with --resume", file=sys.stderr)

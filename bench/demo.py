@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import RESULTS, write  # noqa: E402
-from training.card import train_wall_s  # noqa: E402
+from training.card import stage_wall_s, train_wall_s  # noqa: E402
 
 
 def _ensure(run: Path, seed: int, preset: str) -> None:
@@ -40,7 +40,7 @@ def figures_of(run: Path) -> dict:
     ledger = json.loads((run / "metrics.json").read_text())
     claims = json.loads((run / "eval" / "claims.json").read_text())
     timing = json.loads((run / "eval" / "demo_timing.json").read_text())
-    stages = {s: m.get("stage_wall_s", m.get("wall_s")) for s, m in ledger["stages"].items()}
+    stages = {s: stage_wall_s(m) for s, m in ledger["stages"].items()}
     train_s = train_wall_s(ledger)  # scratch may run beside rm and rl: not the stages' sum
     eval_s = timing["first_pass_wall_s"]
     strategies = {s: {"accuracy": row["accuracy"], "ci95": row["ci95"], "n": row["n"],

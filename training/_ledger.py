@@ -16,7 +16,7 @@ from typing import Any
 
 from training.config import STAGES
 
-__all__ = ["FOLDER", "done", "first_difference", "locked", "read", "record_wall", "write"]
+__all__ = ["FOLDER", "done", "editing", "first_difference", "read", "record_wall"]
 
 FOLDER = {"tokenizer": "tokenizer", "pretrain": "base", "sft": "sft", "scratch": "sft-scratch",
           "rm": "rm", "rl": "rlhf"}
@@ -27,7 +27,7 @@ def read(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"stages": {}}
 
 
-def write(out: Path, ledger: dict[str, Any]) -> None:
+def _write(out: Path, ledger: dict[str, Any]) -> None:
     # Stages in pipeline order, whichever finished first (scratch may end after rm).
     ledger["stages"] = {s: ledger["stages"][s] for s in STAGES if s in ledger["stages"]}
     tmp = out / "metrics.json.tmp"
@@ -39,24 +39,26 @@ def done(out: Path, stage: str) -> bool:
     return stage in read(out)["stages"] and (out / FOLDER[stage]).exists()
 
 
-def record_wall(out: Path, wall_s: float) -> dict[str, Any]:
-    """The run's wall time so far (every invocation's, up to its last finished stage)."""
-    with locked(out):
-        ledger = read(out)
-        ledger["wall_s"] = round(wall_s, 2)
-        write(out, ledger)
-    return ledger
-
-
 @contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold ``out``'s ledger lock: read-modify-write of metrics.json by one process at a time."""
+def editing(out: Path) -> Iterator[dict[str, Any]]:
+    """The ledger to change in place, under ``out``'s lock: read on entry, written back on a
+    clean exit (an exception leaves the file as it was). Two processes may finish stages of
+    one run at once; the lock keeps one's write from dropping the other's."""
     with open(out / "metrics.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            ledger = read(out)
+            yield ledger
+            _write(out, ledger)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def record_wall(out: Path, wall_s: float) -> dict[str, Any]:
+    """The run's wall time so far (every invocation's, up to its last finished stage)."""
+    with editing(out) as ledger:
+        ledger["wall_s"] = round(wall_s, 2)
+    return ledger
 
 
 def first_difference(a: Any, b: Any, path: str = "") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summary_rows", "train_wall_s", "write_card"]
+__all__ = ["stage_wall_s", "summary_rows", "train_wall_s", "write_card"]
 
 
 def _fmt(x: Any) -> str:
@@ -16,13 +16,18 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def stage_wall_s(metrics: dict[str, Any]) -> float | None:
+    """One stage's seconds: the whole stage, or its loop's for a ledger that lacks that."""
+    return metrics.get("stage_wall_s", metrics.get("wall_s"))
+
+
 def train_wall_s(ledger: dict[str, Any]) -> float:
     """Seconds the run took: the wall time the pipeline recorded (``scratch`` may run beside
     ``rm`` and ``rl``, so the stages' own times add up to more), or, for a run recorded
     before it did, the sum of its stages."""
     if ledger.get("wall_s") is not None:
         return float(ledger["wall_s"])
-    return float(sum(m.get("stage_wall_s", m.get("wall_s", 0)) or 0 for m in ledger.get("stages", {}).values()))
+    return float(sum(stage_wall_s(m) or 0 for m in ledger.get("stages", {}).values()))
 
 
 def summary_rows(ledger: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -31,7 +36,7 @@ def summary_rows(ledger: dict[str, Any]) -> list[tuple[str, ...]]:
     for stage, m in ledger.get("stages", {}).items():
         held = m.get("arith_greedy_accuracy", m.get("heldout_pair_accuracy"))
         rows.append((stage, _fmt(m.get("steps")), _fmt(m.get("tokens", m.get("stream_tokens"))),
-                     _fmt(m.get("stage_wall_s", m.get("wall_s"))), _fmt(m.get("flops")), _fmt(m.get("loss_last")), _fmt(held)))
+                     _fmt(stage_wall_s(m)), _fmt(m.get("flops")), _fmt(m.get("loss_last")), _fmt(held)))
     return rows
 
 

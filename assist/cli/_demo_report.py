@@ -76,7 +76,7 @@ def write_report(run_dir: Path, limit: int) -> tuple[Path, Any]:
         plot_maj_at_k,
         summarize,
     )
-    from training.card import summary_rows, train_wall_s
+    from training.card import stage_wall_s, summary_rows, train_wall_s
 
     ev, out = run_dir / "eval", run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def write_report(run_dir: Path, limit: int) -> tuple[Path, Any]:
         "## Wall time",
         "",
         "| part | seconds |", "|---|---|",
-        *[f"| train: {stage} | {m.get('stage_wall_s', m.get('wall_s', 0))} |" for stage, m in stages.items()],
+        *[f"| train: {stage} | {stage_wall_s(m) or 0} |" for stage, m in stages.items()],
         *(["| (`scratch` ran in a second process beside `rm` and `rl`) | |"]
           if stages.get("scratch", {}).get("beside") else []),
         f"| **training, all stages** | **{train_s:.0f}** ({train_s / 60:.1f} min) |",

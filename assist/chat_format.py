@@ -75,7 +75,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 
 TOOLS_PREAMBLE = (
-    "You may call tools. For each call write <tool_call>{\"name\": ..., \"arguments\": ...}"
+    "You may call tools. For each call write <tool_call>{\"arguments\": ..., \"name\": ...}"
     "</tool_call>.\n<tools>\n"
 )
 
@@ -97,9 +97,9 @@ CHAT_TEMPLATE = (
     "{%- if message.content %}{{- message.content }}{%- endif %}"
     "{%- if message.tool_calls %}{%- for tc in message.tool_calls %}"
     "{%- set f = tc.function if tc.function is defined else tc %}"
-    "{{- '<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' }}"
+    "{{- '<tool_call>\\n{\"arguments\": ' }}"
     "{%- if f.arguments is string %}{{- f.arguments }}{%- else %}{{- f.arguments | tojson }}{%- endif %}"
-    "{{- '}\\n</tool_call>' }}"
+    "{{- ', \"name\": \"' + f.name + '\"}\\n</tool_call>' }}"
     "{%- endfor %}{%- endif %}"
     "{{- '<|im_end|>\\n' }}"
     "{%- elif message.role == 'tool' %}"
@@ -127,7 +127,7 @@ def content_text(content: Any) -> Any:
 def tool_call_text(name: str, arguments: Mapping[str, Any] | str) -> str:
     """The text of one Hermes tool call as the assistant writes it."""
     args = arguments if isinstance(arguments, str) else _dumps(dict(arguments))
-    return f'{TOOL_CALL_START}\n{{"name": "{name}", "arguments": {args}}}\n{TOOL_CALL_END}'
+    return f'{TOOL_CALL_START}\n{{"arguments": {args}, "name": "{name}"}}\n{TOOL_CALL_END}'
 
 
 # A conversation renders as parts: (text, is_control). A control part is one of the template's own

@@ -31,6 +31,7 @@ from assist.chat_format import (
     TOOL_RESPONSE_START,
     ChatEncoder,
     render,
+    tool_call_text,
 )
 from assist.engine import LlamaRunner, SamplingParams, Scheduler, TorchEngine
 from assist.engine._grammar import MAX_SCHEMA_DEPTH
@@ -195,6 +196,49 @@ def test_vllm_chat_requests_carry_prompt_ids_encoded_here(tokenizer):
         assert err.value.param == option
 
 
+_CALC = {"type": "function", "function": {"name": "calculator", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+_LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"name": {"type": "string"}}}}}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_forced_tool_choice_becomes_our_call_grammar_for_vllm(tokenizer: Any) -> None:
+    """vLLM would write a forced call name first; ours go arguments first, as our models write."""
+    from vllm.entrypoints.generate.base.protocol import validate_structural_tag_response_format
+
+    encoder = ChatEncoder(tokenizer)
+    messages = [{"role": "user", "content": "What is 12+30?"}]
+    for choice, multiple in (("required", True), ({"type": "function", "function": {"name": "lookup"}}, False)):
+        body = chat_body({"messages": messages, "tools": [_CALC, _LOOKUP], "tool_choice": choice,
+                          "response_format": {"type": "json_object"}}, encoder, own_forced_calls=True)
+        assert body["tool_choice"] == "auto"
+        fmt = body["response_format"]
+        assert fmt["type"] == "structural_tag"
+        validate_structural_tag_response_format(fmt)  # vLLM takes it as it is
+        calls = fmt["format"]["content"] if multiple else fmt["format"]
+        assert (fmt["format"]["type"] == "plus") is multiple
+        names = [e["elements"][-1]["value"] for e in calls["elements"]]
+        want = [_CALC, _LOOKUP] if multiple else [_LOOKUP]
+        assert names == [tool_call_text(t["function"]["name"], "")[len("<tool_call>\n{\"arguments\": "):]
+                         for t in want]
+        # The prompt still shows every tool, as the torch engine's does.
+        assert body["kv_transfer_params"]["prompt_token_ids"] == encoder.encode(messages, [_CALC, _LOOKUP])
+    for choice in ("auto", "none", None):
+        body = chat_body({"messages": messages, "tools": [_CALC], "tool_choice": choice}, encoder,
+                         own_forced_calls=True)
+        assert body.get("tool_choice") == choice and "response_format" not in body
+    plain = chat_body({"messages": messages, "tools": [_CALC], "tool_choice": "required"}, encoder)
+    assert plain["tool_choice"] == "required" and "response_format" not in plain  # vLLM forces it
+    bad = [({"type": "function", "function": {"name": "nope"}}, [_CALC], "tool_choice"),
+           ("required", [{"type": "function", "function": {"name": "x", "parameters": "no"}}], "tools"),
+           ("required", "calculator", "tools")]
+    for choice, tools, param in bad:
+        with pytest.raises(BadRequest) as err:
+            chat_body({"messages": messages, "tools": tools, "tool_choice": choice}, encoder, own_forced_calls=True)
+        assert err.value.param == param
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_a_real_vllm_child_keeps_user_text_as_text(trained_run):
@@ -225,16 +269,13 @@ def test_a_real_vllm_child_keeps_user_text_as_text(trained_run):
     assert _count(unsafe["prompt_token_ids"], tok, IM_START) == 4  # what vLLM's own rendering does
     assert _count(ours["prompt_token_ids"], tok, IM_START) == 2
     assert ours["prompt_token_ids"] == server.encoder.encode(messages)
-    # vLLM's tool machinery still runs on the prompt we tokenized: "required" makes it open a
-    # call (its grammar), and its parser returns the call once the model closes it. A test
-    # model trained for seconds may ramble inside the arguments (vLLM 0.32 leaves their
-    # value unconstrained) until max_tokens: then the opened call is what shows it ran.
+    # vLLM's tool machinery still runs on the prompt we tokenized: "required" makes it write a
+    # call by our grammar (arguments first, the expression bounded, so it closes) and our
+    # parser returns it.
     message = called.choices[0].message
-    if message.tool_calls:
-        assert message.tool_calls[0].function.name == "calculator"
-    else:
-        assert called.choices[0].finish_reason == "length"
-        assert (message.content or "").startswith('<tool_call>\n{"name": "calculator"')
+    assert called.choices[0].finish_reason == "tool_calls", message
+    assert message.tool_calls and message.tool_calls[0].function.name == "calculator"
+    assert len(json.loads(message.tool_calls[0].function.arguments)["expression"]) <= 12
 
 
 # -- 2. one request never fails the others ----------------------------------------------------

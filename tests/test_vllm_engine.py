@@ -269,14 +269,33 @@ def test_n_samples_in_one_call(engine: VLLMEngine) -> None:
 @pytest.mark.slow
 def test_tool_calls_come_back_parsed_by_the_hermes_parser(engine: VLLMEngine) -> None:
     messages = [{"role": "user", "content": PROMPTS[2]}]
-    # Forced: vLLM writes the Hermes envelope and, the tool being strict, arguments that
-    # follow its schema; bounded, so the barely trained test checkpoint finishes the call.
+    # Forced: our grammar of the call (arguments first, as our models write calls) goes to
+    # vLLM as a structural tag, with arguments that follow the tool's schema; bounded, so the
+    # barely trained test checkpoint finishes the call. Our parser plugin reads it back.
     for choice in ({"type": "function", "function": {"name": "calculator"}}, "required"):
         out = asyncio.run(engine.chat(messages, tools=[BOUNDED_CALCULATOR], max_tokens=60,
                                       tool_choice=choice))
         calls = out.choices[0].message.tool_calls
         assert calls and calls[0].function.name == "calculator", (choice, out.text)
         assert re.fullmatch(EXPRESSION, json.loads(calls[0].function.arguments)["expression"])
+        assert out.choices[0].finish_reason == "tool_calls"
+
+    # Streamed, the same call arrives whole (vLLM's own streaming parser would take
+    # `{...}, "name": "calculator"` for the arguments of a call written arguments first).
+    async def streamed() -> list[dict[str, str]]:
+        got: list[dict[str, str]] = []
+        async for chunk in engine.remote.stream_chat(messages, tools=[BOUNDED_CALCULATOR], max_tokens=60,
+                                                     tool_choice="required"):
+            for choice in chunk["choices"]:
+                for tc in choice["delta"].get("tool_calls") or []:
+                    while len(got) <= tc["index"]:
+                        got.append({"name": "", "arguments": ""})
+                    for key in ("name", "arguments"):
+                        got[tc["index"]][key] += (tc.get("function") or {}).get(key) or ""
+        return got
+
+    got = [(c["name"], json.loads(c["arguments"])) for c in asyncio.run(streamed())]
+    assert got == [(c.function.name, json.loads(c.function.arguments)) for c in out.choices[0].message.tool_calls]
     # Free ("auto"): our model writes <tool_call> blocks itself (special tokens, which the
     # parser has vLLM keep in the text); a complete one comes back parsed, never as text.
     free = asyncio.run(engine.chat(messages, tools=[CALCULATOR_TOOL], max_tokens=60))

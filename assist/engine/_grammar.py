@@ -35,7 +35,7 @@ from assist.chat_format import TOOL_CALL_END, TOOL_CALL_START
 from assist.errors import BadRequest
 
 __all__ = ["COMPILE_TIMEOUT_S", "MAX_SCHEMA_BYTES", "MAX_SCHEMA_DEPTH", "Grammar", "GrammarCache", "ToolPlan",
-           "check_schema", "parse_calls", "plan_tools"]
+           "check_forced", "check_schema", "forced_calls", "parse_calls", "plan_tools"]
 
 # Whitespace-free JSON, as the chat template's `tojson` writes it, keeps a tiny model from
 # wandering into endless blanks; strict mode (no properties beyond the schema's) keeps outputs
@@ -179,12 +179,26 @@ def _call_format(fn: Mapping[str, Any]) -> dict[str, Any]:
     """One call, byte for byte as ``tool_call_text`` writes it, arguments per the tool's schema."""
     schema = fn.get("parameters") or {"type": "object", "properties": {}}
     args = str(xgr.Grammar.from_json_schema(json.dumps(schema), **_JSON_STYLE))
-    head = f'{TOOL_CALL_START}\n{{"name": {json.dumps(fn["name"], ensure_ascii=False)}, "arguments": '
+    tail = f', "name": {json.dumps(fn["name"], ensure_ascii=False)}}}\n{TOOL_CALL_END}'
     return {"type": "sequence", "elements": [
-        {"type": "const_string", "value": head},
+        {"type": "const_string", "value": f'{TOOL_CALL_START}\n{{"arguments": '},
         {"type": "grammar", "grammar": args},
-        {"type": "const_string", "value": f"}}\n{TOOL_CALL_END}"},
+        {"type": "const_string", "value": tail},
     ]}
+
+
+def check_forced(plan: ToolPlan, *, max_depth: int = MAX_SCHEMA_DEPTH, max_bytes: int = MAX_SCHEMA_BYTES) -> str:
+    """The forced functions' names and schemas as compact JSON, or a 400 if they pass the bounds."""
+    spec = [[f["name"], f.get("parameters")] for f in plan.forced]
+    return check_schema(spec, "tools", max_depth=max_depth + 2, max_bytes=max_bytes)
+
+
+def forced_calls(plan: ToolPlan) -> dict[str, Any]:
+    """The structural-tag format (xgrammar's, which vLLM's ``response_format`` also takes) of a
+    forced answer: one call to a forced function, or one or more for "required". Bound the
+    tools' schemas (:func:`check_forced`) before: this reads them into grammars."""
+    calls = {"type": "or", "elements": [_call_format(f) for f in plan.forced]}
+    return {"type": "plus", "content": calls} if plan.multiple else calls
 
 
 _DECODER = json.JSONDecoder()
@@ -311,12 +325,7 @@ class GrammarCache:
             return None
 
         def compile_() -> xgr.CompiledGrammar:
-            calls: dict[str, Any] = {"type": "or", "elements": [_call_format(f) for f in plan.forced]}
-            if plan.multiple:
-                calls = {"type": "plus", "content": calls}
-            return self.compiler.compile_structural_tag({"type": "structural_tag", "format": calls})
+            return self.compiler.compile_structural_tag({"type": "structural_tag", "format": forced_calls(plan)})
 
-        spec = [[f["name"], f.get("parameters")] for f in plan.forced]
-        key = f"tools:{plan.multiple}:" + check_schema(spec, "tools", max_depth=self.max_depth + 2,
-                                                        max_bytes=self.max_bytes)
+        key = f"tools:{plan.multiple}:" + check_forced(plan, max_depth=self.max_depth, max_bytes=self.max_bytes)
         return self._get(key, compile_, self._banned_but_tools, "tools")

@@ -90,11 +90,19 @@ if log and os.path.exists(log):
 _RENDERING_OPTIONS = ("echo", "continue_final_message", "chat_template", "chat_template_kwargs")
 
 
-def chat_body(body: Mapping[str, Any], encoder: ChatEncoder) -> dict[str, Any]:
+def chat_body(body: Mapping[str, Any], encoder: ChatEncoder, *, own_forced_calls: bool = False) -> dict[str, Any]:
     """A ``/v1/chat/completions`` body whose prompt vLLM takes as token ids encoded here, so
     no message, tool result or tool definition can put a control token in it (see the module
-    docstring). Content parts are flattened to their text, as the torch engine does."""
+    docstring). Content parts are flattened to their text, as the torch engine does.
+
+    With ``own_forced_calls`` (the server has a tool parser), a forcing ``tool_choice``
+    ("required", or a named function) becomes "auto" plus our own grammar of the call as
+    ``response_format``: vLLM would write the call itself, name first, which is not how our
+    models write calls (:func:`assist.chat_format.tool_call_text`: arguments first), and they
+    would not close it. So forced calls read the same on vLLM as on the torch engine."""
     out = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    if own_forced_calls and out.get("tools") and out.get("tool_choice") not in (None, "auto", "none"):
+        out.update(tool_choice="auto", response_format={"type": "structural_tag", "format": _forced(out)})
     for key in _RENDERING_OPTIONS:
         if out.get(key):
             raise BadRequest(f"{key} is not supported: assist tokenizes the prompt itself", param=key)
@@ -110,6 +118,18 @@ def chat_body(body: Mapping[str, Any], encoder: ChatEncoder) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - messages the template cannot render
         raise BadRequest(f"cannot render the messages: {exc}", param="messages") from exc
     return {**out, "messages": flat, "kv_transfer_params": {"prompt_token_ids": ids}}
+
+
+def _forced(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The structural-tag format of the calls a request's ``tool_choice`` forces, or a 400."""
+    from assist.engine._grammar import check_forced, forced_calls, plan_tools
+
+    plan = plan_tools(body["tools"], body["tool_choice"])
+    check_forced(plan)
+    try:
+        return forced_calls(plan)
+    except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's schema errors
+        raise BadRequest(f"cannot constrain a call to these tools: {exc}", param="tools") from exc
 
 
 class VLLMStartError(Unavailable):
@@ -220,12 +240,18 @@ def _shutdown(child: _Child, timeout: float) -> None:
 
 
 class VLLMServer:
-    """A vLLM OpenAI-compatible server as a child process; ``base_url`` ends in ``/v1``."""
+    """A vLLM OpenAI-compatible server as a child process; ``base_url`` ends in ``/v1``.
+
+    ``tool_parser`` is vLLM's tool-call parser: ``assist_hermes`` (the default,
+    :mod:`assist.engine._vllm_hermes`) reads Hermes calls in any key order, as our models write
+    them arguments first, and lets forced calls follow our grammar (:func:`chat_body`); ``None``
+    turns parsing off, and vLLM then writes forced calls itself.
+    """
 
     def __init__(
         self, model_path: str | Path, *, host: str = "127.0.0.1", port: int | None = None,
         dtype: str = "float32", gpu_memory_utilization: float = 0.2, kv_cache_gib: int = 1,
-        tool_parser: str | None = "hermes", served_model_name: str | None = None,
+        tool_parser: str | None = "assist_hermes", served_model_name: str | None = None,
         max_model_len: int | None = None, enforce_eager: bool | None = None,
         compact_json: bool = True, extra_args: Sequence[str] = (), ready_timeout: float = 300.0,
         log_path: str | Path | None = None,
@@ -261,7 +287,7 @@ class VLLMServer:
 
     async def chat_body(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """:func:`chat_body` for this server, encoded in a worker thread (never on the loop)."""
-        return await asyncio.to_thread(lambda: chat_body(body, self.encoder))
+        return await asyncio.to_thread(lambda: chat_body(body, self.encoder, own_forced_calls=bool(self.tool_parser)))
 
     def __repr__(self) -> str:
         return f"VLLMServer({self.model_path!r}, base_url={self.base_url!r}, pid={self.pid})"
@@ -290,8 +316,10 @@ class VLLMServer:
             cmd.append("--enforce-eager")
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
-        if self.tool_parser:  # "auto" tool choice needs a parser; named/required do not
+        if self.tool_parser:  # "auto" tool choice needs a parser; our forced calls use "auto" too
             cmd += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_parser]
+            if self.tool_parser == "assist_hermes":  # vLLM's hermes, for calls written arguments first
+                cmd += ["--tool-parser-plugin", str(Path(__file__).with_name("_vllm_hermes.py"))]
         if self.compact_json and not any("structured-outputs" in a for a in self.extra_args):
             # JSON without free whitespace, as the torch engine writes it: small models loop on
             # blanks otherwise. vLLM allows this only with a named backend (not "auto").

@@ -57,6 +57,7 @@ def figures_of(run: Path) -> dict:
         "arith": strategies, "facts": claims["facts"], "tool_copy": claims["tool_copy"],
         "maj_at_k": claims["maj_at_k"], "pass_at_k": claims["pass_at_k"],
         "rm_pair_accuracy": claims["rm_pair_accuracy"], "rl_reward": claims["rl_reward"],
+        "rl_reward_heldout": claims.get("rl_reward_heldout"),
         "base_number_probe": ledger["stages"].get("pretrain", {}).get("number_probe"),
         "facts_probe": {stage: ledger["stages"].get(stage, {}).get("facts_probe") for stage in ("pretrain", "sft")},
         "entropy": claims["entropy"], "sft_cot": claims["sft_cot"], "scratch_cot": claims["scratch_cot"],

@@ -137,11 +137,23 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     assert claims["facts"]["n_seen"] + claims["facts"]["n_unseen"] == 16
     rl_row = next(r for r in claims["rows"] if r["claim"].startswith("RLHF"))
     assert "KL(RLHF ‖ SFT)" in rl_row["measured"]  # how far RL moved the policy, beside the entropy
+    # the reward, SFT against RLHF on the same held-out prompts, as RL scored its samples
+    reward = json.loads((run / "eval" / "rl_reward.json").read_text())
+    config = json.loads((run / "metrics.json").read_text())["config"]
+    assert reward["reward"] == config["rl"]["reward"] and set(reward["per_prompt"]) == {"sft", "rlhf"}
+    per = reward["per_prompt"]
+    assert len(per["sft"]) == len(per["rlhf"]) == reward["prompts"] > 0
+    for name, values in per.items():
+        assert reward["mean"][name] == pytest.approx(sum(values) / len(values), abs=1e-3)
+    assert reward["delta"] == pytest.approx(reward["mean"]["rlhf"] - reward["mean"]["sft"], abs=1e-3)
+    assert reward["lo"] <= reward["delta"] <= reward["hi"]
+    assert f"SFT {reward['mean']['sft']:.3f} → RLHF {reward['mean']['rlhf']:.3f}" in rl_row["measured"]
+    assert claims["rl_reward_heldout"]["delta"] == reward["delta"]
     report = (run / "REPORT.md").read_text()
     assert "## The talk's claims, in miniature" in report and "| eval: arith |" in report
     assert "*recall* of seen kingdoms' facts" in report and "after SFT: recall" in report
     timing = json.loads((run / "eval" / "demo_timing.json").read_text())
-    assert set(timing["steps"]) == {"arith", "arith-sft", "arith-scratch", "facts", "diversity"}
+    assert set(timing["steps"]) == {"arith", "arith-sft", "arith-scratch", "facts", "diversity", "rl-reward"}
     # a second pass resumes everything: nothing is recomputed, the report is rebuilt
     again = run_assist("demo", "--run", str(run), "--limit", "6", "--facts-limit", "16", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -3,7 +3,8 @@
 After ``assist train --preset tiny --out runs/tiny`` this evaluates every strategy on
 held-out ``arith`` (the RLHF model), the SFT model and its from-scratch control on the same
 items, closed book against retrieval on every held-out ``facts`` item (seen and unseen
-kingdoms), and mode collapse across base/SFT/RLHF. It then writes ``RUN/REPORT.md``: the
+kingdoms), mode collapse across base/SFT/RLHF, and the reward of the SFT and RLHF policies
+on the same held-out prompts (:mod:`training.rl_reward`). It then writes ``RUN/REPORT.md``: the
 claims of "State of GPT" as a table, each with its goal and this model's own figure, and
 the figures behind them. A claim that one strategy beats another is *shown* only when the
 paired 95% interval of the difference excludes 0. Every step is an evaluation run
@@ -71,6 +72,7 @@ def run(cfg: DemoConfig) -> int:
     from assist.cli._demo_report import write_report
     from evals.diversity import DiversityConfig, measure_checkpoints
     from evals.report import DEMO_ARITH, DEMO_FACTS
+    from training.rl_reward import measure_run
 
     console = Console()
     run_dir = cfg.run
@@ -114,6 +116,10 @@ def run(cfg: DemoConfig) -> int:
     div_done = (ev / "diversity" / "diversity.json").is_file()
     _timed(timing, "diversity", lambda: None if div_done else measure_checkpoints(
         [run_dir / s for s in ("base", "sft", "rlhf")], DiversityConfig(), ev / "diversity"))
+    if (run_dir / "sft" / "config.json").is_file():
+        console.rule("[bold]and: did RL raise the reward? SFT and RLHF on the same held-out prompts")
+        reward_path = ev / "rl_reward.json"
+        _timed(timing, "rl-reward", lambda: None if reward_path.is_file() else measure_run(run_dir, reward_path))
     doc = {"steps": timing, "first_pass_wall_s": saved.get("first_pass_wall_s", round(sum(timing.values()), 2)),
            "last_pass_wall_s": round(time.perf_counter() - t_all, 2)}
     timing_path.write_text(json.dumps(doc, indent=2) + "\n")

@@ -12,16 +12,13 @@ JSON decoder instead: the name once its string is complete, the arguments once c
 
 vLLM loads this file in its API server process (``--tool-parser-plugin``, which
 :class:`assist.engine.VLLMServer` passes with ``--tool-call-parser assist_hermes``); it imports
-vLLM, so nothing else imports it.
+vLLM (the parser exists only where vLLM does), so nothing else needs it.
 """
 
 from __future__ import annotations
 
 import json
 import re
-
-from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
-from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 
 __all__ = ["AssistHermesToolParser", "members"]
 
@@ -64,22 +61,28 @@ def members(text: str) -> dict[str, tuple[int, int | None]]:
         pos += 1
 
 
-@ToolParserManager.register_module("assist_hermes")
-class AssistHermesToolParser(Hermes2ProToolParser):
-    """Hermes calls with their keys in any order (see the module docstring)."""
+try:  # vLLM's API server loads this file; elsewhere (vLLM not installed) members() alone is here
+    from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
+    from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+except ImportError:
+    __all__ = ["members"]
+else:
+    @ToolParserManager.register_module("assist_hermes")
+    class AssistHermesToolParser(Hermes2ProToolParser):
+        """Hermes calls with their keys in any order (see the module docstring)."""
 
-    @staticmethod
-    def _extract_tool_name(tc_json: str) -> str | None:
-        span = members(tc_json).get("name")
-        if span is None or span[1] is None:
-            return None
-        name = json.loads(tc_json[span[0]:span[1]])
-        return name if isinstance(name, str) and name else None
+        @staticmethod
+        def _extract_tool_name(tc_json: str) -> str | None:
+            span = members(tc_json).get("name")
+            if span is None or span[1] is None:
+                return None
+            name = json.loads(tc_json[span[0]:span[1]])
+            return name if isinstance(name, str) and name else None
 
-    @staticmethod
-    def _extract_tool_args(tc_json: str, is_complete: bool) -> str | None:
-        span = members(tc_json).get("arguments")
-        if span is None:
-            return None
-        start, end = span
-        return tc_json[start:end] if end is not None else tc_json[start:].rstrip()
+        @staticmethod
+        def _extract_tool_args(tc_json: str, is_complete: bool) -> str | None:
+            span = members(tc_json).get("arguments")
+            if span is None:
+                return None
+            start, end = span
+            return tc_json[start:end] if end is not None else tc_json[start:].rstrip()

@@ -64,6 +64,7 @@ class _Health:
         self.url = url
         self.latencies: list[float] = []
         self._stop = threading.Event()
+        self.polling = threading.Event()  # set once a first poll has come back
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
@@ -75,6 +76,7 @@ class _Health:
                 except httpx.HTTPError:
                     ok = False
                 self.latencies.append(time.perf_counter() - t0 if ok else float("inf"))
+                self.polling.set()
                 self._stop.wait(0.02)
 
     @property
@@ -86,6 +88,9 @@ class _Health:
 def health_watch(url: str) -> Iterator[_Health]:
     watch = _Health(url)
     watch._thread.start()
+    # Watch from before the request: on a loaded machine a quick 400 could otherwise come
+    # back before the poller's first answer, leaving nothing measured (read as a stall).
+    assert watch.polling.wait(30), "/health never answered"
     try:
         yield watch
     finally:

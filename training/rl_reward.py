@@ -61,7 +61,7 @@ def measure_run(run: Path, out: Path, *, prompts: int = 64, k: int = 4) -> dict[
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from evals._config import generated_task, run_settings
+    from evals.run import generated_task, run_settings
     from training.tokenizer import load_tokenizer
 
     settings = run_settings(run / "metrics.json", required=True)

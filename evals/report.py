@@ -468,23 +468,16 @@ def _kl_text(rl: dict[str, Any]) -> str:
     return "" if kl is None else f"; KL(RLHF ‖ SFT) {kl} nats/token at the last step"
 
 
-def _reward_rise(path: Path, rl: dict[str, Any], steps: tuple[Any, Any]) -> tuple[bool, str]:
+def _reward_rise(m: dict[str, Any] | None, rl: dict[str, Any], steps: tuple[Any, Any]) -> tuple[bool, str]:
     """(whether RL raised the reward, the figure saying so): SFT and RLHF scored on the same
-    held-out prompts (``training.rl_reward``) where the demo measured it, the rise shown when
-    the paired interval is above 0; for a run without it, RL's first batch against its last."""
-    if not path.is_file():
+    held-out prompts (``training.rl_reward``'s ``m``) where the demo measured it, the rise shown
+    when the paired interval is above 0; for a run without it, RL's first batch against its last."""
+    if m is None:
         return None not in steps and steps[1] > steps[0], f"reward ({rl.get('reward', '?')}) {steps[0]} → {steps[1]}"
-    m = json.loads(path.read_text())
     text = (f"reward ({m['reward']}) on {m['prompts']} held-out prompts × {m['k']} samples: SFT "
             f"{m['mean']['sft']:.3f} → RLHF {m['mean']['rlhf']:.3f}, Δ {m['delta']:+.3f} "
             f"[{m['lo']:+.3f}, {m['hi']:+.3f}]; in training {steps[0]} → {steps[1]}")
     return m["lo"] > 0, text
-
-
-def _heldout_reward(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    return {k: v for k, v in json.loads(path.read_text()).items() if k != "per_prompt"}
 
 
 def demo_records(folder: Path) -> list[dict[str, Any]]:
@@ -581,7 +574,8 @@ def demo_claims(run_dir: Path) -> dict[str, Any]:
         if (ev / "diversity" / "diversity.json").is_file() else {}
     ent = (div.get("sft", {}).get("entropy"), div.get("rlhf", {}).get("entropy"))
     reward = (rl.get("reward_first"), rl.get("reward_last"))
-    rises, reward_text = _reward_rise(ev / "rl_reward.json", rl, reward)
+    held = json.loads((ev / "rl_reward.json").read_text()) if (ev / "rl_reward.json").is_file() else None
+    rises, reward_text = _reward_rise(held, rl, reward)
     collapse = None not in ent and ent[1] < ent[0]
     rows.append(_claim_row("RLHF: RL against the reward model keeps (or improves) what SFT could do, and "
                      "the RLHF model loses entropy (mode collapse)",
@@ -606,4 +600,4 @@ def demo_claims(run_dir: Path) -> dict[str, Any]:
             "sft_cot": mean(per_item(sft, "cot")), "scratch_cot": mean(per_item(scratch, "cot")),
             "maj_at_k": curve["maj_at_k"], "pass_at_k": curve["pass_at_k"], "rm_pair_accuracy": rm_acc,
             "rl_reward": list(reward), "entropy": {"sft": ent[0], "rlhf": ent[1]},
-            "rl_reward_heldout": _heldout_reward(ev / "rl_reward.json")}
+            "rl_reward_heldout": None if held is None else {k: v for k, v in held.items() if k != "per_prompt"}}

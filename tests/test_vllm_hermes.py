@@ -14,6 +14,7 @@ from assist.chat_format import tool_call_text
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
+
 def _parser(stock: bool = False) -> Any:
     from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 
@@ -77,6 +78,5 @@ def test_calls_written_name_first_stream_as_vllms_own_parser_streams_them(step: 
 
 def test_the_stock_parser_would_garble_arguments_first_calls() -> None:
     # Why the plugin exists: vLLM's own streaming takes everything after "arguments": as them.
-    text = "<tool_call>\n" + tool_call_text("calculator", {"expression": "1+2"})[len("<tool_call>\n"):]
-    _, calls = _stream(_parser(stock=True), text, 1)
+    _, calls = _stream(_parser(stock=True), tool_call_text("calculator", {"expression": "1+2"}), 1)
     assert calls and calls[0]["arguments"] != '{"expression": "1+2"}'

@@ -13,26 +13,41 @@ update per batch keeps it on-policy, so no ratio clipping is needed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from assist.chat_format import reward_scores
-from evals.tasks import ArithTask
+from evals.tasks import ArithTask, Task
 from training._loop import Dist, LoopResult, StepOutput, train
 from training._model import pad_right, token_logprobs
 from training.config import RunConfig
 from training.progress import Reporter
-from training.rollouts import rollouts
+from training.rollouts import Rollout, rollouts
 from training.tokenizer import load_tokenizer
 
-__all__ = ["advantages", "run", "token_logprobs"]  # token_logprobs: SFT shares it (training/_model.py)
+__all__ = ["advantages", "rewards", "run", "token_logprobs"]  # token_logprobs: SFT shares it (training/_model.py)
 
 
 def advantages(reward: torch.Tensor, group_size: int) -> torch.Tensor:
     """Rewards standardised within each prompt's group (the group is the baseline)."""
     grouped = reward.view(-1, group_size)
     return (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
+
+
+def rewards(flat: list[Rollout], task: Task, rm: torch.nn.Module | None, tok: Any, kind: str,
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(checker, reward model, reward) of each rollout: the task's verdict in [0, 1], the reward
+    model's scalar at ``<|reward|>`` (None without one), and what ``kind`` ("rm", "checker",
+    "both": their sum) makes of them; without a reward model the checker stands in for it."""
+    checker = torch.tensor([task.score(x.sample, x.text).value for x in flat], device=device)
+    learned = None
+    if rm is not None and kind in ("rm", "both"):
+        with torch.no_grad():
+            learned = reward_scores(rm, tok, [x.prompt + x.tokens for x in flat])
+    reward = {"rm": learned, "checker": checker, "both": learned + checker if learned is not None else None}[kind]
+    return checker, learned, checker if reward is None else reward
 
 
 def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool) -> tuple[torch.nn.Module, LoopResult]:
@@ -53,13 +68,8 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
         groups = rollouts(policy, tok, batch, k=r.group_size, temperature=r.temperature,
                           max_new_tokens=r.max_new_tokens, seed=cfg.seed * 100_003 + step)
         flat = [x for g in groups for x in g]
-        checker = torch.tensor([task.score(x.sample, x.text).value for x in flat], device=dist.device)
         rows = [x.prompt + x.tokens for x in flat]
-        with torch.no_grad():
-            learned = reward_scores(rm, tok, rows) if rm is not None else None
-        reward = {"rm": learned, "checker": checker,
-                  "both": (learned if learned is not None else checker) + checker}[r.reward]
-        assert reward is not None
+        checker, learned, reward = rewards(flat, task, rm, tok, r.reward, dist.device)
         if r.reward == "both" and learned is not None:
             # Each signal standardised within its group first: the reward model's logits have
             # their own scale, and summed raw they would drown the labeller's [0, 1] verdict.

@@ -5,7 +5,7 @@ RL logs the mean reward of each step's batch (``reward_first``/``reward_last`` i
 reads high whatever the policy: the first step against the last three says as much about
 the draw as about RL. Here both policies answer the same ``prompts`` held-out arith
 questions (validation split), ``k`` samples each at RL's temperature and length, and every
-sample is scored as RL scored it (``rl.reward``: the reward model's scalar at
+sample is scored as RL scores it (:func:`training.rl.rewards`, ``rl.reward``: the reward model's scalar at
 ``<|reward|>``, the task's checker, or their sum). The claim compares per-prompt means,
 paired, with a bootstrap interval (:func:`evals.stats.paired_bootstrap`).
 
@@ -25,24 +25,15 @@ def measure(policies: dict[str, Any], rm: Any, tok: Any, task: Any, *, reward: s
             k: int = 4, temperature: float = 1.0, max_new_tokens: int = 160, seed: int = 0) -> dict[str, Any]:
     """Per-prompt mean reward of each policy (the same prompts and sampling seeds for all),
     and the paired difference of the last policy over the first."""
-    import torch
-
-    from assist.chat_format import reward_scores
     from evals.stats import paired_bootstrap
+    from training.rl import rewards
     from training.rollouts import rollouts
 
     items = task.split("validation", prompts)
     per_prompt: dict[str, list[float]] = {}
     for name, model in policies.items():
         groups = rollouts(model, tok, items, k=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        flat = [x for g in groups for x in g]
-        checker = torch.tensor([task.score(x.sample, x.text).value for x in flat], dtype=torch.float32)
-        if reward == "checker" or rm is None:
-            scores = checker
-        else:
-            with torch.no_grad():
-                learned = reward_scores(rm, tok, [x.prompt + x.tokens for x in flat]).float().cpu()
-            scores = learned + checker if reward == "both" else learned
+        scores = rewards([x for g in groups for x in g], task, rm, tok, reward)[2].float().cpu()
         per_prompt[name] = [round(float(v), 4) for v in scores.reshape(len(items), k).mean(dim=1)]
     first, last = list(per_prompt)[0], list(per_prompt)[-1]
     p = paired_bootstrap(per_prompt[first], per_prompt[last])

@@ -78,3 +78,19 @@ def test_finished_rows_leave_the_batch_without_changing_the_others():
     assert widths[0] == len(prompts) and min(widths) < len(prompts)  # rows really left
     for c in together:
         assert len(c.logprobs) == len(c.entropies) == len(c.tokens)
+
+
+def test_draw_follows_the_distribution_and_never_picks_an_excluded_token():
+    from assist.sampling import draw
+
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.7, 0.0])
+    g = torch.Generator().manual_seed(0)
+    picks = draw(probs.expand(40_000, 5).contiguous(), g)
+    share = torch.bincount(picks, minlength=5) / len(picks)
+    assert share[1] == 0 and share[4] == 0  # probability 0, never drawn (the top-k/top-p masks)
+    assert torch.allclose(share, probs, atol=0.01)  # 40k draws: a share's sd is at most 0.0025
+    again = draw(probs.expand(40_000, 5).contiguous(), torch.Generator().manual_seed(0))
+    assert torch.equal(picks, again)
+    # every row draws from its own distribution
+    rows = torch.eye(5)[[3, 0, 2]]
+    assert draw(rows, g).tolist() == [3, 0, 2]

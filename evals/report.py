@@ -474,7 +474,9 @@ def _reward_rise(m: dict[str, Any] | None, rl: dict[str, Any], steps: tuple[Any,
     when the paired interval is above 0; for a run without it, RL's first batch against its last."""
     if m is None:
         return None not in steps and steps[1] > steps[0], f"reward ({rl.get('reward', '?')}) {steps[0]} → {steps[1]}"
-    text = (f"reward ({m['reward']}) on {m['prompts']} held-out prompts × {m['k']} samples: SFT "
+    # under `both` with rl.rm_trust=skill the reward model counts 2 * acc - 1 beside the checker
+    kind = m["reward"] if m.get("rm_share", 1.0) == 1.0 else f"{m['reward']}, reward model × {m['rm_share']:g}"
+    text = (f"reward ({kind}) on {m['prompts']} held-out prompts × {m['k']} samples: SFT "
             f"{m['mean']['sft']:.3f} → RLHF {m['mean']['rlhf']:.3f}, Δ {m['delta']:+.3f} "
             f"[{m['lo']:+.3f}, {m['hi']:+.3f}]; in training {steps[0]} → {steps[1]}")
     return m["lo"] > 0, text

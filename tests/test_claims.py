@@ -102,3 +102,40 @@ def test_rl_advantages_are_standardised_within_each_group():
     assert adv[0, 0] > 0 > adv[0, 1] and adv[1, 2] > 0 > adv[1, 0]
     # a scaled signal gets the same advantages: scale cannot drown another signal
     assert torch.allclose(advantages(reward * 100, 4), advantages(reward, 4), atol=1e-3)
+
+
+
+def test_the_reward_model_counts_by_its_held_out_skill_when_asked():
+    import torch
+
+    from evals.tasks import ArithTask
+    from training.rl import rewards, rm_share
+    from training.rollouts import Rollout
+
+    assert rm_share("full", {"heldout_pair_accuracy": 0.5}) == 1.0
+    assert rm_share("skill", {"heldout_pair_accuracy": 0.75}) == 0.5
+    assert rm_share("skill", {"heldout_pair_accuracy": 0.4}) == 0.0  # worse than a coin: nothing
+    assert rm_share("skill", {"heldout_pair_accuracy": 1.0}) == 1.0
+    assert rm_share("skill", {}) == 0.0  # never measured: not trusted
+
+    class ByLength(torch.nn.Module):  # a stand-in reward model whose scalar is the row's length
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, input_ids, attention_mask=None, **_):
+            return type("Out", (), {"logits": self.w * attention_mask.sum(1, keepdim=True).float()})()
+
+    class Tok:
+        pad_token_id = 0
+
+        def convert_tokens_to_ids(self, token):
+            return 9
+
+    item = ArithTask().split("test", 1)[0]
+    flat = [Rollout(item, [5, 6], [7] * 3, f"#### {item.answer}", "stop", []),
+            Rollout(item, [5, 6], [7] * 5, "#### -1", "stop", [])]
+    checker, learned, reward = rewards(flat, ArithTask(), ByLength(), Tok(), "both", share=0.25)
+    assert checker[0] == 1.0 > checker[1] and learned.tolist() == [6.0, 8.0]  # prompt + completion + readout
+    assert torch.allclose(reward, 0.25 * learned + checker)
+    assert rewards(flat, ArithTask(), ByLength(), Tok(), "rm", share=0.25)[2].tolist() == [6.0, 8.0]

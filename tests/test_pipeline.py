@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from evals.report import DEMO_SC
 from tests.conftest import run_assist
+from training.rl import rm_share
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +44,9 @@ def test_test_preset_trains_every_stage_in_under_a_minute(trained_run):
     rl = ledger["stages"]["rl"]
     assert {"reward_first", "kl_last", "before", "after"} <= set(rl)
     rm = ledger["stages"]["rm"]
+    # the reward model counted beside the labeller by its held-out skill (tiny's recipe too)
+    assert ledger["config"]["rl"]["reward"] == "both" and ledger["config"]["rl"]["rm_trust"] == "skill"
+    assert rl["rm_share"] == rm_share("skill", rm) and 0.0 <= rl["rm_share"] <= 1.0
     assert 0.0 <= rm["heldout_pair_accuracy_with_written"] <= 1.0  # a written slip always ranks apart
     # sampled completions of a few held-out prompts may all score alike: then there is no
     # pair to rank, and the accuracy is missing rather than made up
@@ -141,6 +145,7 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     reward = json.loads((run / "eval" / "rl_reward.json").read_text())
     config = json.loads((run / "metrics.json").read_text())["config"]
     assert reward["reward"] == config["rl"]["reward"] and set(reward["per_prompt"]) == {"sft", "rlhf"}
+    assert reward["rm_share"] == json.loads((run / "metrics.json").read_text())["stages"]["rl"]["rm_share"]
     per = reward["per_prompt"]
     assert len(per["sft"]) == len(per["rlhf"]) == reward["prompts"] > 0
     for name, values in per.items():
@@ -148,6 +153,7 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     assert reward["delta"] == pytest.approx(reward["mean"]["rlhf"] - reward["mean"]["sft"], abs=1e-3)
     assert reward["lo"] <= reward["delta"] <= reward["hi"]
     assert f"SFT {reward['mean']['sft']:.3f} → RLHF {reward['mean']['rlhf']:.3f}" in rl_row["measured"]
+    assert reward["rm_share"] == 1.0 or f"reward model × {reward['rm_share']:g}" in rl_row["measured"]
     assert claims["rl_reward_heldout"]["delta"] == reward["delta"]
     report = (run / "REPORT.md").read_text()
     assert "## The talk's claims, in miniature" in report and "| eval: arith |" in report

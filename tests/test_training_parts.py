@@ -17,8 +17,10 @@ from training.reward_model import pair_loss, pairs
 
 def test_presets_and_overrides():
     cfg = apply_overrides(preset("tiny"), ["pretrain.steps=7", "rl.reward=both", "arith.max_steps=4",
+                                           "rl.rm_trust=skill",
                                            "data.mixture=arith:1,code:1"])
     assert cfg.pretrain.steps == 7 and cfg.rl.reward == "both" and cfg.arith.max_steps == 4
+    assert cfg.rl.rm_trust == "skill"
     assert cfg.data.mixture == {"arith": 1.0, "code": 1.0}
     # a top-level field too (it was once replaced on a copy and silently dropped)
     assert apply_overrides(preset("test"), ["seed=3"]).seed == 3
@@ -26,7 +28,7 @@ def test_presets_and_overrides():
                          ("rl.reward=magic", "one of"), ("pretrain.steps", "section.field=value"),
                          ("arith.min_steps=9", "min_steps"), ("sft.replay=1.5", "replay"),
                          ("preset=small", "--preset"), ("sft.micro_batches=0", "micro_batches"),
-                         ("sft.micro_batches=99", "micro_batches")]:
+                         ("sft.micro_batches=99", "micro_batches"), ("rl.rm_trust=some", "one of")]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(preset("test"), [bad])
     with pytest.raises(ConfigError, match="unknown preset"):

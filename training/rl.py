@@ -12,6 +12,7 @@ update per batch keeps it on-policy, so no ratio clipping is needed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from assist.chat_format import reward_scores
 from evals.tasks import ArithTask, Task
+from training import _ledger as ledger_file
 from training._loop import Dist, LoopResult, StepOutput, train
 from training._model import pad_right, token_logprobs
 from training.config import RunConfig
@@ -27,7 +29,7 @@ from training.progress import Reporter
 from training.rollouts import Rollout, rollouts
 from training.tokenizer import load_tokenizer
 
-__all__ = ["advantages", "rewards", "run", "token_logprobs"]  # token_logprobs: SFT shares it (training/_model.py)
+__all__ = ["advantages", "rewards", "rm_share", "run", "token_logprobs"]  # token_logprobs: SFT shares it (training/_model.py)
 
 
 def advantages(reward: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -36,17 +38,29 @@ def advantages(reward: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
 
 
+def rm_share(trust: str, rm_stats: Mapping[str, Any]) -> float:
+    """The weight of the reward model beside the labeller under ``rl.reward=both``: 1 when
+    ``trust`` is "full"; with "skill", ``2 * acc - 1`` of its held-out pairwise accuracy
+    (``rm_stats``: the rm stage's metrics), floored at 0: a coin's ranking counts for nothing."""
+    if trust == "full":
+        return 1.0
+    acc = rm_stats.get("heldout_pair_accuracy")
+    return 0.0 if acc is None else round(max(0.0, min(1.0, 2.0 * float(acc) - 1.0)), 4)
+
+
 def rewards(flat: list[Rollout], task: Task, rm: torch.nn.Module | None, tok: Any, kind: str,
-            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            device: torch.device | str = "cpu", share: float = 1.0,
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(checker, reward model, reward) of each rollout: the task's verdict in [0, 1], the reward
     model's scalar at ``<|reward|>`` (None without one), and what ``kind`` ("rm", "checker",
-    "both": their sum) makes of them; without a reward model the checker stands in for it."""
+    "both": ``share`` x the reward model's plus the checker's) makes of them; without a reward
+    model the checker stands in for it."""
     checker = torch.tensor([task.score(x.sample, x.text).value for x in flat], device=device)
     learned = None
     if rm is not None and kind in ("rm", "both"):
         with torch.no_grad():
             learned = reward_scores(rm, tok, [x.prompt + x.tokens for x in flat])
-    reward = {"rm": learned, "checker": checker, "both": learned + checker if learned is not None else None}[kind]
+    reward = {"rm": learned, "checker": checker, "both": share * learned + checker if learned is not None else None}[kind]
     return checker, learned, checker if reward is None else reward
 
 
@@ -60,20 +74,26 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
     if r.reward in ("rm", "both"):
         rm = AutoModelForSequenceClassification.from_pretrained(out / "rm", dtype=torch.float32).to(dist.device)
         rm.requires_grad_(False).eval()
+    share = rm_share(r.rm_trust, ledger_file.read(out)["stages"].get("rm", {}))
+    if r.reward == "both" and rm is not None:
+        reporter.log(f"rl: the reward model counts {share:g} beside the labeller (rl.rm_trust={r.rm_trust})")
     task = ArithTask(cfg.arith)
     prompts = task.train_stream(f"rl-{dist.rank}", r.steps * r.batch_size)
 
     def step_fn(m: torch.nn.Module, step: int) -> StepOutput:
         batch = prompts[step * r.batch_size: (step + 1) * r.batch_size]
-        groups = rollouts(policy, tok, batch, k=r.group_size, temperature=r.temperature,
-                          max_new_tokens=r.max_new_tokens, seed=cfg.seed * 100_003 + step)
-        flat = [x for g in groups for x in g]
+        # Sampling and scoring in float32 whatever the loop's autocast: one token at a time,
+        # the casts cost more than bfloat16 saves; the update below is where it pays.
+        with torch.autocast(dist.device.type, enabled=False):
+            groups = rollouts(policy, tok, batch, k=r.group_size, temperature=r.temperature,
+                              max_new_tokens=r.max_new_tokens, seed=cfg.seed * 100_003 + step)
+            flat = [x for g in groups for x in g]
+            checker, learned, reward = rewards(flat, task, rm, tok, r.reward, dist.device, share)
         rows = [x.prompt + x.tokens for x in flat]
-        checker, learned, reward = rewards(flat, task, rm, tok, r.reward, dist.device)
         if r.reward == "both" and learned is not None:
             # Each signal standardised within its group first: the reward model's logits have
             # their own scale, and summed raw they would drown the labeller's [0, 1] verdict.
-            adv = advantages(learned, r.group_size) + advantages(checker, r.group_size)
+            adv = share * advantages(learned, r.group_size) + advantages(checker, r.group_size)
         else:
             adv = advantages(reward, r.group_size)
         # Mask: 1 on completion tokens only.

@@ -191,12 +191,19 @@ def test_a_grammar_masks_every_sample_and_ends_the_sequence():
 
 
 @pytest.mark.parametrize("vocab", [64, 1000, 50257])
-def test_batched_gumbel_noise_is_each_rows_own_draw_bit_for_bit(vocab):
-    from assist.engine._sampling import gumbel, gumbel_rows
+def test_batched_draws_are_each_rows_own_draw(vocab):
+    from assist.sampling import draw
 
     seeds = [3, 11, 12, 1 << 40]
     alone = [torch.Generator().manual_seed(s) for s in seeds]
     batched = [torch.Generator().manual_seed(s) for s in seeds]
-    for _ in range(3):  # later steps too: each generator advances exactly as before
-        want = torch.stack([gumbel(vocab, g, torch.device("cpu")) for g in alone])
-        assert torch.equal(gumbel_rows(batched, vocab, torch.device("cpu")), want)
+    probs = torch.softmax(torch.randn(len(seeds), vocab, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    for _ in range(3):  # later steps too: each generator advances by one draw, batched or not
+        want = torch.cat([draw(probs[i: i + 1], [g]) for i, g in enumerate(alone)])
+        assert torch.equal(draw(probs, batched), want)
+    # and a row's draw does not depend on which rows share its batch
+    again = [torch.Generator().manual_seed(s) for s in seeds]
+    first = draw(probs, again)
+    assert torch.equal(draw(probs[2:3], [torch.Generator().manual_seed(seeds[2])]), first[2:3])
+
+

@@ -1,9 +1,9 @@
-"""The random draws behind sampled tokens, the logit adjustments before the pick, and the
-readouts of logprobs.
+"""The seeds behind sampled tokens, the logit adjustments before the pick, and the readouts
+of logprobs.
 
 Each sampled sequence owns a seeded ``torch.Generator``, so a request's samples never depend
-on its batch-mates. A token is drawn by the Gumbel-max trick: argmax(logits + Gumbel noise),
-the noise ``-log(-log(u))`` of uniforms from the sequence's own generator.
+on its batch-mates: a token is drawn from the inverse of its cumulative distribution at one
+uniform from the sequence's own generator (:func:`assist.sampling.draw`).
 """
 
 from __future__ import annotations
@@ -17,27 +17,7 @@ import torch
 
 from assist.engine._params import SEED_MODULUS, SamplingParams
 
-__all__ = ["Adjustments", "generator_seed", "gumbel", "gumbel_pick", "gumbel_rows", "top_logprobs"]
-
-
-def gumbel(size: int, g: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    u = torch.rand(size, generator=g, device=device).clamp_(min=1e-20)
-    return -torch.log(-torch.log(u))
-
-
-def gumbel_rows(generators: Sequence[torch.Generator | None], size: int, device: torch.device) -> torch.Tensor:
-    """``torch.stack([gumbel(size, g, device) for g in generators])``, bit for bit, in five
-    tensor ops rather than five per row: each row still draws its uniforms from its own
-    generator (so a seeded request's samples do not change), then the transform runs once."""
-    noise = torch.empty((len(generators), size), device=device)
-    for row, g in zip(noise, generators, strict=True):
-        torch.rand(size, generator=g, device=device, out=row)
-    return noise.clamp_(min=1e-20).log_().neg_().log_().neg_()
-
-
-def gumbel_pick(logits: torch.Tensor, g: torch.Generator | None) -> int:
-    """A sample of softmax(logits) by the Gumbel-max trick (what :func:`gumbel_rows` serves in batch)."""
-    return int((logits + gumbel(logits.shape[-1], g, logits.device)).argmax())
+__all__ = ["Adjustments", "generator_seed", "top_logprobs"]
 
 
 def top_logprobs(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:

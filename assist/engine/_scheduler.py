@@ -54,12 +54,10 @@ from assist.engine._runner import LlamaRunner
 from assist.engine._sampling import (
     Adjustments,
     generator_seed,
-    gumbel_pick,
-    gumbel_rows,
     top_logprobs,
 )
 from assist.errors import BadRequest, ContextLengthExceeded
-from assist.sampling import filter_logits
+from assist.sampling import draw, filter_logits
 
 __all__ = [
     "Constraint",
@@ -442,8 +440,8 @@ class Scheduler:
 
     def _sample_rows(self, logits: torch.Tensor, picks: list[int]) -> None:
         """Overwrite ``picks`` for unconstrained sampling rows: rows sharing (temperature,
-        top_k, top_p) are filtered together; each row draws its Gumbel noise from its own
-        seeded generator, so a request's samples do not depend on its batch-mates."""
+        top_k, top_p) are filtered together; each row draws its uniform from its own seeded
+        generator, so a request's samples do not depend on its batch-mates."""
         groups: dict[tuple[float, int, float, float], list[int]] = {}
         for i, s in enumerate(self.active):
             p = s.request.params
@@ -452,9 +450,8 @@ class Scheduler:
         for (temperature, top_k, top_p, min_p), rows in groups.items():
             try:
                 filtered = filter_logits(logits[rows] / temperature, top_k, top_p, min_p)
-                noise = gumbel_rows([self.active[i].request.generators[self.active[i].out.index] for i in rows],
-                                     logits.shape[-1], logits.device)
-                tokens = (filtered + noise).argmax(-1).tolist()
+                tokens = draw(torch.softmax(filtered, -1),
+                              [self.active[i].request.generators[self.active[i].out.index] for i in rows]).tolist()
             except Exception as exc:  # noqa: BLE001 - these rows' requests fail, not the batch
                 for i in rows:
                     self.active[i].out.finish_reason = "error"
@@ -488,7 +485,8 @@ class Scheduler:
         elif p.temperature < SAMPLING_EPS:
             token = int(masked.argmax())
         else:
-            token = gumbel_pick(filter_logits((masked / p.temperature)[None], p.top_k, p.top_p, p.min_p)[0], g)
+            token = int(draw(torch.softmax(filter_logits((masked / p.temperature)[None], p.top_k, p.top_p, p.min_p), -1),
+                             [g])[0])
         out = seq.out
         out.token_ids.append(token)
         if p.logprobs:

@@ -139,3 +139,7 @@ def test_the_reward_model_counts_by_its_held_out_skill_when_asked():
     assert checker[0] == 1.0 > checker[1] and learned.tolist() == [6.0, 8.0]  # prompt + completion + readout
     assert torch.allclose(reward, 0.25 * learned + checker)
     assert rewards(flat, ArithTask(), ByLength(), Tok(), "rm", share=0.25)[2].tolist() == [6.0, 8.0]
+    # RL skips a reward model that counts 0: without it, `both` is the same reward
+    unscored = rewards(flat, ArithTask(), None, Tok(), "both")
+    assert unscored[1] is None
+    assert torch.equal(unscored[2], rewards(flat, ArithTask(), ByLength(), Tok(), "both", share=0.0)[2])

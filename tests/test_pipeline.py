@@ -143,9 +143,9 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     assert "KL(RLHF ‖ SFT)" in rl_row["measured"]  # how far RL moved the policy, beside the entropy
     # the reward, SFT against RLHF on the same held-out prompts, as RL scored its samples
     reward = json.loads((run / "eval" / "rl_reward.json").read_text())
-    config = json.loads((run / "metrics.json").read_text())["config"]
-    assert reward["reward"] == config["rl"]["reward"] and set(reward["per_prompt"]) == {"sft", "rlhf"}
-    assert reward["rm_share"] == json.loads((run / "metrics.json").read_text())["stages"]["rl"]["rm_share"]
+    ledger = json.loads((run / "metrics.json").read_text())
+    assert reward["reward"] == ledger["config"]["rl"]["reward"] and set(reward["per_prompt"]) == {"sft", "rlhf"}
+    assert reward["rm_share"] == ledger["stages"]["rl"]["rm_share"]
     per = reward["per_prompt"]
     assert len(per["sft"]) == len(per["rlhf"]) == reward["prompts"] > 0
     for name, values in per.items():

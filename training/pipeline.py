@@ -344,8 +344,7 @@ def _run_stage(stage: str, cfg: RunConfig, out: Path, dist: Dist, reporter: Repo
         sft_model = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32)
         before = evaluate(sft_model, out, cfg, cfg.rl.eval_items)
     after = evaluate(model, out, cfg, cfg.rl.eval_items)
-    share = ({"rm_share": rl.rm_share(cfg.rl.rm_trust, ledger_file.read(out)["stages"].get("rm", {}))}
-             if cfg.rl.reward == "both" else {})
+    share = {"rm_share": rl.run_rm_share(cfg.rl.rm_trust, out)} if cfg.rl.reward == "both" else {}
     return _loop_metrics(result, n_params(model), {
         "reward": cfg.rl.reward, **share, "before": before, "after": after, **after})
 

@@ -29,7 +29,7 @@ from training.progress import Reporter
 from training.rollouts import Rollout, rollouts
 from training.tokenizer import load_tokenizer
 
-__all__ = ["advantages", "rewards", "rm_share", "run", "token_logprobs"]  # token_logprobs: SFT shares it (training/_model.py)
+__all__ = ["advantages", "rewards", "rm_share", "run", "run_rm_share", "token_logprobs"]  # token_logprobs: SFT shares it (training/_model.py)
 
 
 def advantages(reward: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -46,6 +46,11 @@ def rm_share(trust: str, rm_stats: Mapping[str, Any]) -> float:
         return 1.0
     acc = rm_stats.get("heldout_pair_accuracy")
     return 0.0 if acc is None else round(max(0.0, min(1.0, 2.0 * float(acc) - 1.0)), 4)
+
+
+def run_rm_share(trust: str, run: Path) -> float:
+    """:func:`rm_share` of the reward model trained in ``run`` (its rm stage in the ledger)."""
+    return rm_share(trust, ledger_file.read(run)["stages"].get("rm", {}))
 
 
 def rewards(flat: list[Rollout], task: Task, rm: torch.nn.Module | None, tok: Any, kind: str,
@@ -70,13 +75,15 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
     policy = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32).to(dist.device)
     reference = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32).to(dist.device)
     reference.requires_grad_(False).eval()
+    share = run_rm_share(r.rm_trust, out)
+    if r.reward == "both":
+        reporter.log(f"rl: the reward model counts {share:g} beside the labeller (rl.rm_trust={r.rm_trust})")
     rm = None
-    if r.reward in ("rm", "both"):
+    # Under `both` at share 0 the reward model's scores would be multiplied by 0: not computed
+    # (the checker alone then gives the same advantages and reward).
+    if r.reward == "rm" or (r.reward == "both" and share > 0):
         rm = AutoModelForSequenceClassification.from_pretrained(out / "rm", dtype=torch.float32).to(dist.device)
         rm.requires_grad_(False).eval()
-    share = rm_share(r.rm_trust, ledger_file.read(out)["stages"].get("rm", {}))
-    if r.reward == "both" and rm is not None:
-        reporter.log(f"rl: the reward model counts {share:g} beside the labeller (rl.rm_trust={r.rm_trust})")
     task = ArithTask(cfg.arith)
     prompts = task.train_stream(f"rl-{dist.rank}", r.steps * r.batch_size)
 

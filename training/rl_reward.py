@@ -56,8 +56,7 @@ def measure_run(run: Path, out: Path, *, prompts: int = 128, k: int = 4) -> dict
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from evals.run import generated_task, run_settings
-    from training import _ledger
-    from training.rl import rm_share
+    from training.rl import run_rm_share
     from training.tokenizer import load_tokenizer
 
     settings = run_settings(run / "metrics.json", required=True)
@@ -72,7 +71,7 @@ def measure_run(run: Path, out: Path, *, prompts: int = 128, k: int = 4) -> dict
     result = measure(policies, rm, tok, generated_task("arith", settings), reward=reward, prompts=prompts, k=k,
                      temperature=float(rl.get("temperature", 1.0)),
                      max_new_tokens=int(rl.get("max_new_tokens", 160)), seed=int(settings.get("seed", 0)),
-                     share=rm_share(rl.get("rm_trust", "full"), _ledger.read(run)["stages"].get("rm", {})))
+                     share=run_rm_share(rl.get("rm_trust", "full"), run))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result

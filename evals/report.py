@@ -462,6 +462,12 @@ DEMO_ARITH = f"direct,cot,{DEMO_SC},{DEMO_BON},reflect,tools"
 DEMO_FACTS = "plain,rag"  # closed book is the question as asked (facts were never asked with a suffix)
 
 
+def _likelihood_text(rm: dict[str, Any]) -> str:
+    """The reward model's yardstick: the SFT policy's own likelihood on the same pairs."""
+    value = rm.get("policy_likelihood_pair_accuracy")
+    return "" if value is None else f" (the SFT policy's own likelihood ranks them at {value})"
+
+
 def _kl_text(rl: dict[str, Any]) -> str:
     """How far RL moved the policy: the size an entropy change can have, when it has none."""
     kl = rl.get("kl_last")
@@ -551,7 +557,8 @@ def demo_claims(run_dir: Path) -> dict[str, Any]:
     rm_acc = rm.get("heldout_pair_accuracy")
     rows.append(_claim_row("A reward model (verifier) picks the best of N samples, beating the vote",
                      "RM held-out pairwise accuracy ≥ 0.75 and bon@16 ≥ sc@16",
-                     f"RM pairwise accuracy {rm_acc} on {rm.get('heldout_pairs')} held-out pairs; {p.text()}",
+                     f"RM pairwise accuracy {rm_acc} on {rm.get('heldout_pairs')} held-out pairs"
+                     f"{_likelihood_text(rm)}; {p.text()}",
                      p.verdict, rm_acc is not None and rm_acc >= 0.75 and bool(p.n) and p.delta >= 0))
     p = pair("reflect", "cot")
     rows.append(_claim_row("Asking the model to check its work fixes some answers", "reflect > cot shown",

@@ -52,8 +52,9 @@ def test_test_preset_trains_every_stage_in_under_a_minute(trained_run):
     # pair to rank, and the accuracy is missing rather than made up
     if rm["heldout_pairs"]:
         assert 0.0 <= rm["heldout_pair_accuracy"] <= 1.0
+        assert 0.0 <= rm["policy_likelihood_pair_accuracy"] <= 1.0  # the yardstick, same pairs
     else:
-        assert rm["heldout_pair_accuracy"] is None
+        assert rm["heldout_pair_accuracy"] is None and rm["policy_likelihood_pair_accuracy"] is None
     mix = ledger["stages"]["tokenizer"]
     assert set(mix["realized_mixture"]) == {"arith", "dialogue", "facts", "code", "copy"}
     assert abs(sum(mix["realized_mixture"].values()) - 1.0) < 1e-3
@@ -141,6 +142,9 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     assert claims["facts"]["n_seen"] + claims["facts"]["n_unseen"] == 16
     rl_row = next(r for r in claims["rows"] if r["claim"].startswith("RLHF"))
     assert "KL(RLHF ‖ SFT)" in rl_row["measured"]  # how far RL moved the policy, beside the entropy
+    rm_row = next(r for r in claims["rows"] if r["claim"].startswith("A reward model"))
+    yardstick = json.loads((run / "metrics.json").read_text())["stages"]["rm"]["policy_likelihood_pair_accuracy"]
+    assert yardstick is None or f"the SFT policy's own likelihood ranks them at {yardstick}" in rm_row["measured"]
     # the reward, SFT against RLHF on the same held-out prompts, as RL scored its samples
     reward = json.loads((run / "eval" / "rl_reward.json").read_text())
     ledger = json.loads((run / "metrics.json").read_text())

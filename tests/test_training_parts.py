@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import types
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from evals.diversity import distinct_n, ead_distinct_n, mean_entropy
 from training import data
 from training._loop import lr_at
 from training.config import ConfigError, OptimConfig, apply_overrides, preset
-from training.reward_model import pair_loss, pairs
+from training.reward_model import likelihood_pair_accuracy, pair_loss, pairs, sequence_logprob
 
 
 def test_presets_and_overrides():
@@ -51,6 +52,39 @@ def test_reward_pairs_and_pairwise_loss():
     loss, acc = pair_loss(rewards, [(0, 1), (1, 2)])
     expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
     assert float(loss) == pytest.approx(expected) and acc == 0.5
+
+
+class _Prefers(torch.nn.Module):
+    """A stand-in policy over ``vocab`` tokens that puts ``bias`` more logit on ``token`` at
+    every position (0: uniform)."""
+
+    def __init__(self, token: int, bias: float, vocab: int = 8) -> None:
+        super().__init__()
+        self.token, self.bias, self.vocab = token, bias, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where the caller finds the device
+
+    def forward(self, input_ids: torch.Tensor) -> types.SimpleNamespace:
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.token] = self.bias
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_policy_likelihood_ranks_pairs_by_the_completions_probability():
+    uniform = _Prefers(token=1, bias=0.0)
+    assert sequence_logprob(uniform, [0, 3, 4, 5]) == pytest.approx(-3 * math.log(8))
+    likes_one = _Prefers(token=1, bias=3.0)
+    prompt = [0, 2]
+    likely, unlikely, written = prompt + [1, 1, 1], prompt + [5, 6, 7], prompt + [1, 1]
+    # the labeller's winner is the likely completion: every pair ranked right
+    assert likelihood_pair_accuracy(likes_one, [([likely, unlikely], [1.0, 0.0])], k=2) == (1.0, 1)
+    # and wrong when the labeller prefers the unlikely one; equal values make no pair
+    groups = [([likely, unlikely], [0.0, 1.0]), ([likely, unlikely], [1.0, 1.0])]
+    assert likelihood_pair_accuracy(likes_one, groups, k=2) == (0.0, 1)
+    # only the first k (sampled) completions count, not the written ones after them
+    group = [([unlikely, likely, written], [1.0, 0.0, 0.5])]
+    assert likelihood_pair_accuracy(likes_one, group, k=2) == (0.0, 1)
+    assert likelihood_pair_accuracy(likes_one, group, k=3) == (round(1 / 3, 4), 3)
+    assert likelihood_pair_accuracy(likes_one, [([likely], [1.0])], k=2) == (None, 0)
 
 
 def test_diversity_metrics_on_known_sequences():

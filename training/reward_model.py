@@ -53,6 +53,29 @@ def pair_loss(rewards: torch.Tensor, group_pairs: list[tuple[int, int]]) -> tupl
     return -F.logsigmoid(margin).mean(), float((margin > 0).float().mean())
 
 
+@torch.no_grad()
+def likelihood_pair_accuracy(policy: torch.nn.Module, groups: Sequence[Group], k: int) -> tuple[float | None, int]:
+    """How well the policy's own log-likelihood of each of the first ``k`` (sampled) completions
+    ranks the pairs the labeller ranks apart: a yardstick for the reward model, read at no
+    extra training. A group's sequences share their prompt, so the whole sequence's
+    log-likelihood ranks its completions as the completion's own does."""
+    right = total = 0
+    for seqs, values in groups:
+        ps = pairs(values[:k])
+        if ps:  # a pair counts as right when the winner scores higher, as in pair_loss
+            scores = [sequence_logprob(policy, s) for s in seqs[:k]]
+            right += sum(scores[w] > scores[lo] for w, lo in ps)
+            total += len(ps)
+    return (round(right / total, 4) if total else None), total
+
+
+def sequence_logprob(policy: torch.nn.Module, ids: Sequence[int]) -> float:
+    """Sum of log p(token | tokens before it) over ``ids`` after the first."""
+    x = torch.tensor([list(ids)], device=next(policy.parameters()).device)
+    logp = torch.log_softmax(policy(input_ids=x).logits[0, :-1].float(), -1)
+    return float(logp.gather(-1, x[0, 1:, None]).sum())
+
+
 def written_completions(sample: Sample, n: int, rng: random.Random) -> list[str]:
     """``n`` written completions: the first an ideal solution, the rest with one slip each,
     every one in a random order of the changes."""
@@ -131,12 +154,19 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
                     _, acc = pair_loss(scores[:n], ps)
                     tally[key][0] += acc * len(ps)
                     tally[key][1] += len(ps)
+    # The yardstick: the SFT policy's own likelihood on the same held-out pairs. Where it
+    # ranks them well and the reward model does not, the signal is there and the readout
+    # has not learned it (README: Reward model).
+    policy = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32).to(dist.device).eval()
+    likelihood, _ = likelihood_pair_accuracy(policy, held, r.k)
+    del policy
     n_pairs = sum(len(pairs(v)) for _, v in train_groups)
     ratio = {k: round(c / n, 4) if n else None for k, (c, n) in tally.items()}
     stats = {
         "prompts": len(groups), "completions_per_prompt": r.k, "written_per_prompt": r.synthetic,
         "train_pairs": n_pairs, "heldout_pairs": tally["sampled"][1],
         "heldout_pair_accuracy": ratio["sampled"],
+        "policy_likelihood_pair_accuracy": likelihood,
         "heldout_pairs_with_written": tally["all"][1], "heldout_pair_accuracy_with_written": ratio["all"],
         "sampled_accuracy": round(sum(v for _, vs in groups for v in vs[:r.k]) / (len(groups) * r.k), 4),
         "labeller": "the arith task scorer (stands in for human rankers)",

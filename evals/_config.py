@@ -66,6 +66,9 @@ class EvalConfig:
     samples: int = _f(1, "independent runs per item (K), inspect's epochs; run j is seeded "
                          "--seed + j", flags=("--samples", "--epochs"))
     concurrency: int = _f(8, "runs in flight at once")
+    reuse_calls: bool = _f(False, "compute a greedy or seeded call once when strategies repeat it "
+                                  "(sc and bon of an item draw the same samples); each run still "
+                                  "counts its tokens and latency")
     seed: int = _f(0, "base seed of the sampling strategies")
     max_tokens: int | None = _f(None, "max_tokens of every strategy that has the option")
     out: str | None = _f(None, "output folder (default: runs/eval/<task>-<time>)")

@@ -63,6 +63,7 @@ from evals._records import (
     replace_atomically,
     run_identity,
 )
+from evals._reuse import CallReuse
 from evals.tasks import Sample, Task
 from strategies import nodes, with_fields
 
@@ -172,8 +173,10 @@ class _Tap:
     """The ChatModel one run sees: forwards every call and keeps what the strategy's trace
     does not (each choice's finish reason, and usage even when the strategy raises)."""
 
-    def __init__(self, model: ChatModel) -> None:
+    def __init__(self, model: ChatModel, reuse: CallReuse | None = None) -> None:
         self.model = model
+        self.reuse = reuse
+        self.credit_s = 0.0  # time of calls served by an identical earlier one (CallReuse)
         self.name = model.name
         self.choices: list[list[tuple[str, str]]] = []  # per call: (text, finish_reason)
         self.prompt_tokens = self.completion_tokens = self.calls = 0
@@ -185,7 +188,11 @@ class _Tap:
 
     async def chat(self, messages: Messages, **kwargs: Any) -> ChatCompletion:
         try:
-            completion = await self.model.chat(messages, **kwargs)
+            if self.reuse is None:
+                completion = await self.model.chat(messages, **kwargs)
+            else:
+                completion, credit = await self.reuse.chat(self.model, messages, kwargs)
+                self.credit_s += credit
         except AssistError as exc:
             self.refusals.append(exc)
             raise
@@ -217,8 +224,8 @@ def _refusal(exc: BaseException, tap: _Tap) -> bool:
 
 
 async def _run_one(model: ChatModel, task: Task, item: Sample, strategy: Any, seed: int,
-                   gate: asyncio.Semaphore) -> dict[str, Any]:
-    tap = _Tap(model)
+                   gate: asyncio.Semaphore, reuse: CallReuse | None = None) -> dict[str, Any]:
+    tap = _Tap(model, reuse)
     messages = [{"role": "user", "content": item.question}]
     async with gate:
         t0 = time.perf_counter()
@@ -227,7 +234,7 @@ async def _run_one(model: ChatModel, task: Task, item: Sample, strategy: Any, se
         except Exception as exc:  # noqa: BLE001 - one item's failure is data, not a crash
             return {"text": "", "answer": None, "correct": False, "finish_reason": "error",
                     "prompt_tokens": tap.prompt_tokens, "completion_tokens": tap.completion_tokens,
-                    "calls": tap.calls, "latency_s": round(time.perf_counter() - t0, 4),
+                    "calls": tap.calls, "latency_s": round(time.perf_counter() - t0 + tap.credit_s, 4),
                     "error": f"{type(exc).__name__}: {exc}", "retry": not _refusal(exc, tap), "seed": seed,
                     "trace": []}
     score = task.score(item, result.text)
@@ -235,7 +242,7 @@ async def _run_one(model: ChatModel, task: Task, item: Sample, strategy: Any, se
     return {"text": result.text, "answer": score.extracted, "correct": score.correct,
             "finish_reason": tap.finish_reason(result.text, result.trace),
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "calls": usage.calls, "latency_s": round(usage.latency_s, 4), "error": None,
+            "calls": usage.calls, "latency_s": round(usage.latency_s + tap.credit_s, 4), "error": None,
             "seed": seed, "trace": result.trace}
 
 
@@ -308,7 +315,7 @@ async def evaluate(
     model: ChatModel, task: Task, strategies: Mapping[str, Any], items: Sequence[Sample], *,
     samples: int = 1, concurrency: int = 8, seed: int = 0, out: Path, resume: bool = False,
     progress: bool = True, console: Console | None = None,
-    identity: Mapping[str, Any] | None = None,
+    identity: Mapping[str, Any] | None = None, reuse_calls: bool = False,
 ) -> list[Record]:
     """Run every strategy K=``samples`` times on every item; the records, in item order.
 
@@ -319,7 +326,9 @@ async def evaluate(
     ``out/samples.jsonl`` are kept as they are (whatever their K) and not recomputed, and
     errored runs are run again (the same seed ``seed + j``); the record with them redone is
     appended, and the file is then compacted (atomically) to one record per key. Without
-    ``resume`` that file must not exist.
+    ``resume`` that file must not exist. With ``reuse_calls`` a greedy or seeded call made
+    again (``sc`` and ``bon`` of one item draw the same samples) is computed once
+    (:class:`evals._reuse.CallReuse`); every run still counts its tokens and its time.
     """
     if samples < 1 or concurrency < 1:
         raise ValueError("samples and concurrency must be at least 1")
@@ -331,13 +340,14 @@ async def evaluate(
         claim(out, identity, resume=resume, console=console)
         return await _evaluate(model, task, strategies, items, samples=samples,
                                concurrency=concurrency, seed=seed, out=out, resume=resume,
-                               progress=progress, console=console)
+                               progress=progress, console=console,
+                               reuse=CallReuse() if reuse_calls else None)
 
 
 async def _evaluate(
     model: ChatModel, task: Task, strategies: Mapping[str, Any], items: Sequence[Sample], *,
     samples: int, concurrency: int, seed: int, out: Path, resume: bool, progress: bool,
-    console: Console,
+    console: Console, reuse: CallReuse | None = None,
 ) -> list[Record]:
     path = out / SAMPLES
     done = Finished(path, resume)
@@ -356,7 +366,7 @@ async def _evaluate(
         runs: list[dict[str, Any]] = list(before["runs"]) if before and before.get("runs") else []
         redo = ([j for j, run in enumerate(runs) if run.get("error") is not None] if runs
                 else list(range(samples)))
-        fresh = await asyncio.gather(*(_run_one(model, task, item, copies[name][j], seed + j, gate)
+        fresh = await asyncio.gather(*(_run_one(model, task, item, copies[name][j], seed + j, gate, reuse)
                                        for j in redo))
         runs = runs or [{} for _ in range(samples)]
         for j, run in zip(redo, fresh, strict=True):
@@ -387,6 +397,8 @@ async def _evaluate(
             console.print(f"[yellow]warning: could not compact {path} ({exc}); it keeps "
                           "superseded records, which readers skip[/yellow]")
     records = [done.records[k] for k in keys]
+    if reuse is not None and reuse.served:
+        console.print(f"{reuse.served} calls were served by an identical earlier call (reuse_calls)")
     warning = length_warning(records)
     if warning:
         console.print(f"[yellow]warning: {warning}[/yellow]")

@@ -92,7 +92,7 @@ async def _evaluate(cfg: EvalConfig, model_name: str | None, task: Any, strategi
     try:
         return await evaluate(model, task, strategies, items, samples=cfg.samples,
                               concurrency=cfg.concurrency, seed=cfg.seed, out=out,
-                              resume=cfg.resume, identity=identity)
+                              resume=cfg.resume, identity=identity, reuse_calls=cfg.reuse_calls)
     finally:
         if hasattr(model, "aclose"):
             await model.aclose()

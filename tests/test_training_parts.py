@@ -13,7 +13,7 @@ from evals.diversity import distinct_n, ead_distinct_n, mean_entropy
 from training import data
 from training._loop import lr_at
 from training.config import ConfigError, OptimConfig, apply_overrides, preset
-from training.reward_model import likelihood_pair_accuracy, pair_loss, pairs, sequence_logprob
+from training.reward_model import likelihood_pair_accuracy, pair_loss, pairs, sequence_logprobs
 
 
 def test_presets_and_overrides():
@@ -63,7 +63,7 @@ class _Prefers(torch.nn.Module):
         self.token, self.bias, self.vocab = token, bias, vocab
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # where the caller finds the device
 
-    def forward(self, input_ids: torch.Tensor) -> types.SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> types.SimpleNamespace:
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.token] = self.bias
         return types.SimpleNamespace(logits=logits)
@@ -71,7 +71,9 @@ class _Prefers(torch.nn.Module):
 
 def test_policy_likelihood_ranks_pairs_by_the_completions_probability():
     uniform = _Prefers(token=1, bias=0.0)
-    assert sequence_logprob(uniform, [0, 3, 4, 5]) == pytest.approx(-3 * math.log(8))
+    # one padded forward; padding (id 0 here) is left out of the shorter row's sum
+    assert sequence_logprobs(uniform, [[0, 3, 4, 5], [0, 3]], pad_id=0) == pytest.approx(
+        [-3 * math.log(8), -math.log(8)])
     likes_one = _Prefers(token=1, bias=3.0)
     prompt = [0, 2]
     likely, unlikely, written = prompt + [1, 1, 1], prompt + [5, 6, 7], prompt + [1, 1]

@@ -29,6 +29,7 @@ from assist.chat_format import IM_END, reward_scores
 from evals.tasks import ArithTask, Sample
 from evals.tasks.arith import orders, solution_in_order
 from training._loop import Dist, LoopResult, StepOutput, stage_seed, train
+from training._model import token_logprobs
 from training.config import RunConfig
 from training.conversations import slipped_attempt
 from training.progress import Reporter
@@ -54,7 +55,8 @@ def pair_loss(rewards: torch.Tensor, group_pairs: list[tuple[int, int]]) -> tupl
 
 
 @torch.no_grad()
-def likelihood_pair_accuracy(policy: torch.nn.Module, groups: Sequence[Group], k: int) -> tuple[float | None, int]:
+def likelihood_pair_accuracy(policy: torch.nn.Module, groups: Sequence[Group], k: int,
+                             pad_id: int = 0) -> tuple[float | None, int]:
     """How well the policy's own log-likelihood of each of the first ``k`` (sampled) completions
     ranks the pairs the labeller ranks apart: a yardstick for the reward model, read at no
     extra training. A group's sequences share their prompt, so the whole sequence's
@@ -63,17 +65,17 @@ def likelihood_pair_accuracy(policy: torch.nn.Module, groups: Sequence[Group], k
     for seqs, values in groups:
         ps = pairs(values[:k])
         if ps:  # a pair counts as right when the winner scores higher, as in pair_loss
-            scores = [sequence_logprob(policy, s) for s in seqs[:k]]
+            scores = sequence_logprobs(policy, seqs[:k], pad_id)
             right += sum(scores[w] > scores[lo] for w, lo in ps)
             total += len(ps)
     return (round(right / total, 4) if total else None), total
 
 
-def sequence_logprob(policy: torch.nn.Module, ids: Sequence[int]) -> float:
-    """Sum of log p(token | tokens before it) over ``ids`` after the first."""
-    x = torch.tensor([list(ids)], device=next(policy.parameters()).device)
-    logp = torch.log_softmax(policy(input_ids=x).logits[0, :-1].float(), -1)
-    return float(logp.gather(-1, x[0, 1:, None]).sum())
+def sequence_logprobs(policy: torch.nn.Module, rows: Sequence[Sequence[int]], pad_id: int) -> list[float]:
+    """Each row's sum of log p(token | tokens before it), in one padded forward (the padding
+    is left out of the sums)."""
+    lp = token_logprobs(policy, [list(r) for r in rows], pad_id)
+    return [float(lp[i, : len(r)].sum()) for i, r in enumerate(rows)]
 
 
 def written_completions(sample: Sample, n: int, rng: random.Random) -> list[str]:
@@ -158,7 +160,7 @@ def run(cfg: RunConfig, out: Path, dist: Dist, reporter: Reporter, resume: bool)
     # ranks them well and the reward model does not, the signal is there and the readout
     # has not learned it (README: Reward model).
     policy = AutoModelForCausalLM.from_pretrained(out / "sft", dtype=torch.float32).to(dist.device).eval()
-    likelihood, _ = likelihood_pair_accuracy(policy, held, r.k)
+    likelihood, _ = likelihood_pair_accuracy(policy, held, r.k, tok.pad_token_id)
     del policy
     n_pairs = sum(len(pairs(v)) for _, v in train_groups)
     ratio = {k: round(c / n, 4) if n else None for k, (c, n) in tally.items()}

@@ -46,7 +46,7 @@ from strategies._store import MODES, DocumentStore
 from strategies.extract import Extractor
 
 __all__ = ["STORE_ENV", "Retrieve", "check_citations", "citation_report", "citations",
-           "with_passages"]
+           "with_passages", "without_citations"]
 
 STORE_ENV = "ASSIST_RAG_STORE"
 SearchFn = Callable[[str, int], Any]  # returns (or resolves to) a sequence of passages
@@ -60,6 +60,12 @@ def citations(text: str) -> list[str]:
     """The ids cited in ``text``, in order of first mention."""
     found = [part for m in _CITATION.finditer(text) for part in re.split(r"\s*[,;]\s*", m.group(1))]
     return list(dict.fromkeys(found))
+
+
+def without_citations(text: str) -> str:
+    """The text with its citation markers dropped: "Its capital is Taike [kb-7]." reads
+    "Its capital is Taike." (what the answer is extracted from; a citation is not an answer)."""
+    return re.sub(r"[ \t]*" + _CITATION.pattern, "", text)
 
 
 def check_citations(text: str, retrieved: Sequence[str]) -> dict[str, list[str]]:
@@ -199,7 +205,7 @@ class Retrieve(StrategyBase):
                 completion = await model.chat(augmented, temperature=self.temperature,
                                               max_tokens=self.max_tokens, seed=self.seed, **final_stage(model))
                 message = completion.choices[0].message
-                answer = self.extract(message.content or "")
+                answer = self.extract(without_citations(message.content or ""))
         except BudgetExhausted:
             message, answer = Message(role="assistant", content=""), None
         model.note(step="citations", **check_citations(message.content or "",

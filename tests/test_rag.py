@@ -25,7 +25,14 @@ from strategies._embed import HashingEmbedder
 from strategies._ingest import IngestError, chunk_text, load_chunks, store_from_facts
 from strategies._store import MODES, DocumentStore, StoreError, fts_query, rrf
 from strategies.extract import normalize
-from strategies.rag import STORE_ENV, Retrieve, check_citations, citation_report, citations
+from strategies.rag import (
+    STORE_ENV,
+    Retrieve,
+    check_citations,
+    citation_report,
+    citations,
+    without_citations,
+)
 from training.conversations import facts_rag
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,7 +327,9 @@ def test_rag_builds_the_sft_messages_and_checks_citations(facts: FactsTask) -> N
     result = rag.run_sync(model, question)
     assert model.calls[0]["messages"] == sft[:1]  # the question, then the passages, one turn
     assert model.calls[0]["temperature"] == 0.0
-    assert result.answer == normalize(answer.rsplit("#### ", 1)[1])
+    # the answer is the final line without its citations: "its capital is taike"
+    assert result.answer == normalize(without_citations(answer).rsplit("#### ", 1)[1])
+    assert "[" not in result.answer and result.answer.split()[-1] == normalize(answer.split(" [")[0].split()[-1])
     right = answer.split(" [", 1)[1].split("]", 1)[0]
     assert right in [p.id for p in shown]
     assert citation_report(result) == {"cited": [right, "kb-9999"], "valid": [right],
@@ -431,3 +440,9 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_without_citations_drops_only_the_markers() -> None:
+    assert without_citations("#### Its capital is Taike [kb-7].") == "#### Its capital is Taike."
+    assert without_citations("A [kb-1, kb-2] and [b](http://x) [kb-3]") == "A and [b](http://x)"
+    assert without_citations("no citation\n#### 42") == "no citation\n#### 42"

@@ -20,6 +20,7 @@ from evals.tasks import (
     normalize,
 )
 from evals.tasks.arith import orders, solution_in_order
+from evals.tasks.facts import fact_answer
 from strategies.extract import final_line
 
 
@@ -119,7 +120,28 @@ def test_facts_world_seen_unseen_and_splits():
         assert entity.name in task.statement(entity, s.metadata["attribute"])
         assert entity.name not in s.solution and entity.name not in task.answer_with_citation(s)
         claim = task.claim(entity, s.metadata["attribute"])
-        assert s.solution.startswith(f"{claim}.\n") and claim.endswith(f" {s.answer}")
+        assert s.solution == f"#### {claim}." and claim.endswith(f" {s.answer}")
+
+
+def test_facts_scores_the_value_its_final_line_states_in_a_wording_of_the_asked_attribute():
+    # The final line states the fact once ("#### Its capital is Taike."): a small model wrote
+    # the sentence right and then failed to copy the word down to a "#### Taike" line.
+    task = FactsTask(FactsConfig(n_entities=60, vocabulary=12))
+    s = next(s for s in task.split("test") if s.metadata["attribute"] == "capital")
+    entity, v = task.entity(s.metadata["entity"]), s.answer
+    other = next(w for w in task.vocabulary["capital"] if w != v)
+    right = [s.solution, task.answer_with_citation(s), f"#### {v}", f"#### {v}.",
+             f"Its capital is {v}.\n#### {v}",  # the arith-like convention still reads
+             f"#### The capital of {entity.name} is {v}.", f"#### The capital city is {v} [kb-3]."]
+    wrong = [f"#### Its capital is {other}.", f"#### Its currency is the {v}.",  # another attribute
+             f"#### not {v}", f"Its capital is {v}.", "####", f"Its capital is {v}.\n#### {other}"]
+    for text in right:
+        assert task.score(s, text).correct, text
+        assert task.score(s, text).extracted == v
+    for text in wrong:
+        assert not task.score(s, text).correct, text
+    assert fact_answer(f"#### Its capital is {other} [kb-9].") == other
+    assert fact_answer("no final line") is None and task.score(s, "").extracted is None
 
 
 def test_facts_values_come_from_a_vocabulary_every_word_of_which_is_pretrained():

@@ -18,19 +18,24 @@ must copy from the passage.
 
 Splits: each seen (kingdom, attribute) pair is either a train or a test question, never
 both; every unseen pair is a test question; validation is drawn from seen-train kingdoms'
-held-back pairs. Answers end in ``#### value``, like arith.
+held-back pairs. An answer's final line states the fact, ``#### Its capital is Taike.``: the
+value is read out of it (:func:`fact_answer`), and a line counts only when it is the bare
+value or a wording of the asked attribute (:meth:`FactsTask.score`). Why not ``#### Taike``
+after the sentence, like arith: a small model writes the sentence right and then fails to
+copy a word value down to the line (README: Retrieval).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from evals.tasks._base import Sample, Split, Task, check_split
-from strategies.extract import final_line
+from evals.tasks._base import Sample, Score, Split, Task, check_split
+from strategies.extract import final_line, normalize
 
-__all__ = ["ATTRIBUTES", "Entity", "FactsConfig", "FactsTask"]
+__all__ = ["ATTRIBUTES", "Entity", "FactsConfig", "FactsTask", "fact_answer"]
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "br",
            "dr", "kr", "st", "tr", "sh", "gl")
@@ -72,6 +77,25 @@ _SENTENCES: dict[str, tuple[str, ...]] = {
 }
 
 
+_CITATION = re.compile(r"\s*\[[^\]\n]*\]")
+
+
+def _final_statement(text: str) -> tuple[str, str] | None:
+    """(the words before the value, the value) of the final line, citations dropped."""
+    line = final_line(text)
+    if line is None:
+        return None
+    words = _CITATION.sub("", line).strip().rstrip(".").split()
+    return (" ".join(words[:-1]), words[-1]) if words else None
+
+
+def fact_answer(text: str) -> str | None:
+    """The value of the final line: ``#### Taike`` or ``#### Its capital is Taike [kb-7].``
+    both read ``Taike`` (its last word, a citation and the period dropped)."""
+    stated = _final_statement(text)
+    return stated[1] if stated else None
+
+
 @dataclass(frozen=True)
 class Entity:
     id: str  # the passage id, e.g. "kb-17"
@@ -111,7 +135,7 @@ class FactsTask(Task):
 
     def __init__(self, config: FactsConfig | None = None) -> None:
         self.config = config or FactsConfig()
-        self.extractor = final_line
+        self.extractor = fact_answer
         self._used: set[str] = set()  # the world's words: vocabulary first, then names
 
     # -- the world ---------------------------------------------------------------------
@@ -239,9 +263,9 @@ class FactsTask(Task):
             id=f"facts-{entity.id}-{attribute}",
             question=ATTRIBUTES[attribute].format(e=entity.name),
             answer=value,
-            solution=f"{self.claim(entity, attribute)}.\n#### {value}",
-            metadata={"entity": entity.id, "attribute": attribute, "seen": entity.seen,
-                      "split": split},
+            solution=f"#### {self.claim(entity, attribute)}.",
+            metadata={"entity": entity.id, "name": entity.name, "attribute": attribute,
+                      "seen": entity.seen, "split": split},
         )
 
     @cached_property
@@ -266,5 +290,22 @@ class FactsTask(Task):
 
     def answer_with_citation(self, sample: Sample) -> str:
         """The ideal open-book answer: the closed-book one, citing its passage."""
-        head, _, tail = sample.solution.partition(".\n")
-        return f"{head} [{sample.metadata['entity']}].\n{tail}"
+        return f"{sample.solution.removesuffix('.')} [{sample.metadata['entity']}]."
+
+    def wordings(self, sample: Sample) -> set[str]:
+        """How an answer may open before the asked value (normalised): the answers' own
+        wording, the passages' canonical one and their others; "" for the bare value."""
+        attribute, name = sample.metadata["attribute"], sample.metadata["name"]
+        phrasings = [_CLAIM[attribute], _STATEMENT[attribute], *_SENTENCES[attribute]]
+        return {""} | {normalize(p.format(e=name, v="").rstrip(". ")) for p in phrasings}
+
+    def score(self, sample: Sample, text: str) -> Score:
+        """Right when the final line states the asked value, bare or in a wording of the
+        asked attribute: "#### Its capital is Taike." answers a currency question wrong."""
+        stated = _final_statement(text)
+        if stated is None:
+            return Score(0.0, False, None)
+        opening, value = stated
+        correct = (normalize(value) == normalize(sample.answer)
+                   and normalize(opening) in self.wordings(sample))
+        return Score(1.0 if correct else 0.0, correct, value)

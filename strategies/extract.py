@@ -19,6 +19,7 @@ __all__ = [
     "EXTRACTORS",
     "Extractor",
     "answer_line",
+    "CITATION",
     "choice_letter",
     "default_answer",
     "final_line",
@@ -28,6 +29,7 @@ __all__ = [
     "normalize",
     "normalize_number",
     "normalized_text",
+    "without_citations",
 ]
 
 Extractor = Callable[[str], "str | None"]
@@ -35,6 +37,16 @@ Extractor = Callable[[str], "str | None"]
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 _FINAL = re.compile(r"####[ \t]*([^\n]*)")
+# A citation: a bracketed id, or several separated by commas ("[kb-3, kb-9]"). Ids hold no
+# spaces; a markdown link "[text](url)" is not a citation.
+CITATION = re.compile(r"\[([^\[\]\s,;]+(?:\s*[,;]\s*[^\[\]\s,;]+)*)\](?!\()")
+_CITATION_MARK = re.compile(r"[ \t]*" + CITATION.pattern)  # with the blanks before it
+
+
+def without_citations(text: str) -> str:
+    """The text with its citation markers dropped: "Its capital is Taike [kb-7]." reads
+    "Its capital is Taike." (what an answer is read from; a citation is not an answer)."""
+    return _CITATION_MARK.sub("", text)
 
 
 def normalize_number(text: str) -> str:

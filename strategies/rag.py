@@ -43,7 +43,7 @@ from strategies._base import (
 from strategies._prompted import final_stage, resolve_extractor
 from strategies._spec import register
 from strategies._store import MODES, DocumentStore
-from strategies.extract import Extractor
+from strategies.extract import CITATION, Extractor, without_citations
 
 __all__ = ["STORE_ENV", "Retrieve", "check_citations", "citation_report", "citations",
            "with_passages", "without_citations"]
@@ -51,21 +51,11 @@ __all__ = ["STORE_ENV", "Retrieve", "check_citations", "citation_report", "citat
 STORE_ENV = "ASSIST_RAG_STORE"
 SearchFn = Callable[[str, int], Any]  # returns (or resolves to) a sequence of passages
 
-# A bracketed id, or several separated by commas ("[kb-3, kb-9]"). Ids hold no spaces;
-# a markdown link "[text](url)" is not a citation.
-_CITATION = re.compile(r"\[([^\[\]\s,;]+(?:\s*[,;]\s*[^\[\]\s,;]+)*)\](?!\()")
-
 
 def citations(text: str) -> list[str]:
     """The ids cited in ``text``, in order of first mention."""
-    found = [part for m in _CITATION.finditer(text) for part in re.split(r"\s*[,;]\s*", m.group(1))]
+    found = [part for m in CITATION.finditer(text) for part in re.split(r"\s*[,;]\s*", m.group(1))]
     return list(dict.fromkeys(found))
-
-
-def without_citations(text: str) -> str:
-    """The text with its citation markers dropped: "Its capital is Taike [kb-7]." reads
-    "Its capital is Taike." (what the answer is extracted from; a citation is not an answer)."""
-    return re.sub(r"[ \t]*" + _CITATION.pattern, "", text)
 
 
 def check_citations(text: str, retrieved: Sequence[str]) -> dict[str, list[str]]:

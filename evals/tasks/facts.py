@@ -28,12 +28,11 @@ copy a word value down to the line (README: Retrieval).
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from functools import cached_property
 
 from evals.tasks._base import Sample, Score, Split, Task, check_split
-from strategies.extract import final_line, normalize
+from strategies.extract import final_line, normalize, without_citations
 
 __all__ = ["ATTRIBUTES", "Entity", "FactsConfig", "FactsTask", "fact_answer"]
 
@@ -77,15 +76,12 @@ _SENTENCES: dict[str, tuple[str, ...]] = {
 }
 
 
-_CITATION = re.compile(r"\s*\[[^\]\n]*\]")
-
-
 def _final_statement(text: str) -> tuple[str, str] | None:
     """(the words before the value, the value) of the final line, citations dropped."""
     line = final_line(text)
     if line is None:
         return None
-    words = _CITATION.sub("", line).strip().rstrip(".").split()
+    words = without_citations(line).strip().rstrip(".").split()
     return (" ".join(words[:-1]), words[-1]) if words else None
 
 

@@ -147,11 +147,6 @@ def test_copy_documents_can_only_be_predicted_by_copying():
         assert sorted(first.rstrip(".").split(". ")) == sorted(second.rstrip(".").split(". "))
     readings = [d for d in docs if "is a kingdom" in d]
     assert readings and not any(name in d for d in readings for name in world)
-    for doc in readings:  # a reading lesson restates every fact, each value copied from the passage
-        passage, again = doc.split("\n")
-        claims = [c.strip() for c in again.split(".") if c.strip()]
-        assert len(claims) == 4 and len({c.split()[1] for c in claims}) == 4  # one per attribute
-        assert all(f" {c.split()[-1]}." in passage for c in claims)
 
 
 def test_reading_lessons_come_in_the_shares_asked():

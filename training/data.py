@@ -45,22 +45,18 @@ def _arith(arith: ArithTask, seed: int) -> Iterator[str]:
         yield f"{s.question}\n{solution}" if rng.random() < 0.8 else solution
 
 
-def _restated(facts: FactsTask, entity: Entity, rng: random.Random, every: bool = False) -> str:
-    """A kingdom's passage (worded afresh), then some of its facts (``every``: all of them)
-    stated again in a shuffled order, each as an answer states it."""
+def _restated(facts: FactsTask, entity: Entity, rng: random.Random) -> str:
+    """A kingdom's passage (worded afresh), then some of its facts stated again, each as an
+    answer states it."""
     claims = [f"{facts.claim(entity, a)}." for a in ATTRIBUTES]
     rng.shuffle(claims)
-    kept = len(claims) if every else rng.randint(1, len(claims))
-    return f"{facts.passage(entity, rng)}\n" + " ".join(claims[:kept])
+    return f"{facts.passage(entity, rng)}\n" + " ".join(claims[: rng.randint(1, len(claims))])
 
 
 def _fact_lookup(facts: FactsTask, rng: random.Random) -> str:
-    """A practice kingdom's passage, then every one of its facts restated: values copied out
-    of context, the reading that retrieval needs (never a world kingdom, so memory cannot
-    answer). Every fact, not some: with 1 to 4 of them, which attributes a base learned to
-    read was a draw (one read years and currencies, another years alone); with all four in
-    every lesson, the bases of both seeds read all four (README: Retrieval)."""
-    return _restated(facts, facts.practice(rng), rng, every=True)
+    """A practice kingdom's passage, then its facts restated: values copied out of context,
+    the reading that retrieval needs (never a world kingdom, so memory cannot answer)."""
+    return _restated(facts, facts.practice(rng), rng)
 
 
 def _copy(arith: ArithTask, seed: int, facts: FactsTask | None = None, lookups: float = 0.2) -> Iterator[str]:

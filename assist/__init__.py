@@ -54,7 +54,7 @@ def load(path: str | Path, engine: str = "torch", **options: Any) -> ChatModel:
 
     ``engine="torch"``: the built-in engine (continuous batching, KV cache); options go to
     :class:`assist.engine.TorchEngine` (``device``, ``max_batch``, ``max_len``, ``threads``,
-    ``prefix_cache_mb``).
+    ``prefix_cache_mb``, ``compile``).
     ``engine="vllm"``: a vLLM OpenAI server in a child process that this object owns (close
     it, or use ``with``); options go to :class:`assist.engine._vllm.VLLMEngine` (``port``,
     ``dtype``, ``max_model_len``, ``tool_parser``, ``extra_args``, ...). Needs

@@ -13,10 +13,16 @@ the same way, SiLU-gated MLP), so greedy decoding matches it token for token.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
+from assist.engine._compiled import CompiledDecode
+
 __all__ = ["LlamaRunner"]
+
+log = logging.getLogger(__name__)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +39,10 @@ def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 class LlamaRunner:
-    def __init__(self, model: torch.nn.Module, slots: int, max_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, slots: int, max_len: int, *, compile: bool = False) -> None:
+        """``compile``: run decode steps through ``torch.compile`` (:mod:`assist.engine._compiled`),
+        compiled here, before the first request; where compiling fails (no C++ compiler, say),
+        decode runs eagerly and :attr:`compiled` is False."""
         cfg = model.config
         if getattr(cfg, "model_type", "") != "llama":
             raise ValueError(f"the torch engine runs Llama checkpoints, not {cfg.model_type!r}")
@@ -73,6 +82,19 @@ class LlamaRunner:
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
         self.ffn = model.model.layers[0].mlp.gate_proj.out_features
+        self._decode: CompiledDecode | None = None
+        if compile:
+            try:
+                self._decode = CompiledDecode(self)
+                self._decode.warm_up()
+            except Exception as exc:  # noqa: BLE001 - any failure means: decode eagerly
+                log.warning("torch.compile failed (%s: %s); the engine decodes eagerly", type(exc).__name__, exc)
+                self._decode = None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run compiled."""
+        return self._decode is not None
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # skip two no-op casts per call on the CPU path
@@ -93,6 +115,8 @@ class LlamaRunner:
         its tokens sit at consecutive ``positions`` (prefill: 0..T-1, decode: one each).
         Keys and values are written to the cache; attention reads each row's own prefix.
         """
+        if self._decode is not None and not all_positions and last is None and self._decode.applies(tokens, positions):
+            return self._decode(tokens, positions, slot_start)
         bsz, t = tokens.shape
         m = self.model.model
         h = m.embed_tokens(tokens)

@@ -10,7 +10,9 @@ cached) and the scheduler's per-step work around it: the batch's greedy pick, sa
 every row from its own seeded generator, detokenising an answer. The forward is timed on
 the engine's thread count (all cores but one, the HTTP server's) and on every core. Each
 figure is the best of ``--repeats`` runs of ``--steps`` calls (the machine is shared; the
-best run is the least disturbed one).
+best run is the least disturbed one). The forward is timed again with the decode step
+compiled (``TorchEngine(compile=True)``, :mod:`assist.engine._compiled`), on the engine's
+thread count.
 """
 
 from __future__ import annotations
@@ -87,6 +89,21 @@ def main() -> None:
             figures["forward_16_over_1"] = round(one["16"] / one["1"], 3)
     finally:
         engine.close()
+    compiled = TorchEngine(args.model, device="cpu", max_batch=max(rows), compile=True)
+    try:
+        if compiled.compiled:
+            runner = compiled.runner
+            figures["compiled_forward_ms"] = {}
+            for b in rows:
+                tokens = torch.randint(0, vocab, (b, 1))
+                positions = torch.full((b, 1), args.context)
+                figures["compiled_forward_ms"][str(b)] = _ms(
+                    lambda t=tokens, p=positions: runner.forward(t, p, 0), args.steps, args.repeats)
+            figures["compiled_speedup"] = {b: round(one[b] / ms, 3) for b, ms in figures["compiled_forward_ms"].items()}
+        else:
+            figures["compiled_forward_ms"] = "torch.compile failed here"
+    finally:
+        compiled.close()
     print(figures, flush=True)
     print("wrote", write("decode_step", figures))
 

@@ -1,6 +1,6 @@
 """Prefix caching benchmark (issue: strategies at engine speed). Writes bench/results/prefix_cache.json.
 
-    python bench/prefix_cache.py [--run runs/tiny] [--model CHECKPOINT] [--items 20] [--repeats 3]
+    python bench/prefix_cache.py [--run runs/tiny] [--model CHECKPOINT] [--items 20] [--repeats 3] [--compile]
 
 On the run's RLHF assistant (``runs/test`` when the run has none yet: the figures say
 which), held-out ``arith`` test items, the torch engine with the prefix cache on and off:
@@ -15,6 +15,8 @@ which), held-out ``arith`` test items, the torch engine with the prefix cache on
    concurrent requests, on against off, interleaved, best of ``--repeats``: what a cache
    that never hits costs (hashing and storing blocks).
 Every answer is compared between the two engines: greedy ones must be identical.
+``--compile``: both engines decode through torch.compile (``TorchEngine(compile=True)``);
+the figures go to bench/results/prefix_cache_compiled.json.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=192, help="each call's completion cap (a strategy option)")
+    ap.add_argument("--compile", action="store_true", help="both engines with compiled decode steps")
     args = ap.parse_args()
     run = Path(args.run)
     note = ""
@@ -139,11 +142,14 @@ def main() -> None:
     task = build_task(EvalConfig(task="arith", model=str(model)))
     questions = [s.question for s in task.split("test", args.items)]
     figures: dict[str, Any] = {"model": str(model), "items": len(questions), "prefix_cache_mb": CACHE_MB,
+                               "compiled": args.compile,
                                "note": note or None,
                                "contention": "2 CPU cores shared with other processes; figures are best-of-N "
                                              "of interleaved repetitions"}
-    off = TorchEngine(model, prefix_cache_mb=0)
-    on = TorchEngine(model, prefix_cache_mb=CACHE_MB)
+    off = TorchEngine(model, prefix_cache_mb=0, compile=args.compile)
+    on = TorchEngine(model, prefix_cache_mb=CACHE_MB, compile=args.compile)
+    if args.compile and not (on.compiled and off.compiled):
+        raise SystemExit("torch.compile failed here (see the warning above): no compiled figures")
     try:
         warm = [{"role": "user", "content": "warm up"}]
         for engine in (off, on):
@@ -166,7 +172,7 @@ def main() -> None:
     }
     for goal, ok in figures["goals"].items():
         print(f"{'met   ' if ok else 'MISSED'} {goal}")
-    print("wrote", write("prefix_cache", figures))
+    print("wrote", write("prefix_cache_compiled" if args.compile else "prefix_cache", figures))
 
 
 if __name__ == "__main__":

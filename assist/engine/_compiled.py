@@ -98,7 +98,7 @@ class CompiledDecode:
         # stay captured rather than passed: forty tensor arguments cost 0.15 ms a step.
         own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__,
                                  step.__defaults__, step.__closure__)
-        self.fn = torch.compile(own, dynamic=True, fullgraph=True)
+        self.fn = torch.compile(own, fullgraph=True)
 
     def applies(self, tokens: torch.Tensor, positions: torch.Tensor) -> bool:
         """A decode-shaped call: one token per row, each after at least one cached token."""
@@ -109,7 +109,15 @@ class CompiledDecode:
         r = self.runner
         bsz = tokens.shape[0]
         cached = int(positions.max())
-        logits, new = self.fn(tokens, positions, r.cache[:, slot_start:slot_start + bsz, :, :cached])
+        kv = r.cache[:, slot_start:slot_start + bsz, :, :cached]
+        # Batch rows and cached length vary from step to step: symbolic in the graph. Only
+        # those: with every size symbolic (dynamic=True), sizes that happen to be equal when
+        # a graph is traced are assumed equal forever (16 rows and 4 heads, say), and the
+        # next step that breaks the equality compiles again, seconds in a request.
+        for t, dims in ((tokens, (0,)), (positions, (0,)), (kv, (1, 3))):
+            for d in dims:
+                torch._dynamo.maybe_mark_dynamic(t, d)
+        logits, new = self.fn(tokens, positions, kv)
         # Row b's head h at position p of plane j, in the cache viewed as [-1, head_dim].
         planes, slots, heads = r.cache.shape[0], r.cache.shape[1], r.n_kv
         plane = torch.arange(planes, device=r.device)[:, None, None] * (slots * heads * r.max_len)
@@ -121,11 +129,12 @@ class CompiledDecode:
 
     def warm_up(self) -> None:
         """Compile the graphs of one row and of several before the first request (the
-        compiled step writes into slots 0 and 1 at position 2: free slots, and a sequence's
-        prefill overwrites every position it will read)."""
+        compiled step writes into slots 0 and 1 at position 5: free slots, and a sequence's
+        prefill overwrites every position it will read). Rows and positions differ from
+        each other and from the model's fixed sizes, so no equality is traced in."""
         r = self.runner
         for bsz in (min(2, r.slots), 1):
-            if r.max_len < 3:
+            if r.max_len < 6:
                 break
             self(torch.zeros((bsz, 1), dtype=torch.long, device=r.device),
-                 torch.full((bsz, 1), 2, dtype=torch.long, device=r.device), 0)
+                 torch.full((bsz, 1), 5, dtype=torch.long, device=r.device), 0)

@@ -18,7 +18,6 @@ compiles the common ones before the first request).
 
 from __future__ import annotations
 
-import logging
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
     from assist.engine._runner import LlamaRunner
 
 __all__ = ["CompiledDecode"]
-
-log = logging.getLogger(__name__)
 
 
 def _step_fn(runner: LlamaRunner) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:

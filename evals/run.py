@@ -88,7 +88,8 @@ async def _evaluate(cfg: EvalConfig, model_name: str | None, task: Any, strategi
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its weight-loading bar is noise beside ours
-        model = assist.load(cfg.model or "", engine=cfg.engine)
+        options = {"compile": True} if cfg.compile else {}  # check() allowed it for torch only
+        model = assist.load(cfg.model or "", engine=cfg.engine, **options)
     try:
         return await evaluate(model, task, strategies, items, samples=cfg.samples,
                               concurrency=cfg.concurrency, seed=cfg.seed, out=out,

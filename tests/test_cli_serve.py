@@ -22,6 +22,7 @@ from tests.conftest import ASSIST, REPO, run_assist
     (["--model", "x", "--upstream", "http://h/v1"], "exactly one of"),
     (["--port", "http"], "--port"),
     (["--engine", "tensorrt"], "--engine"),
+    (["--upstream", "http://h/v1", "--compile"], "--compile set up a checkpoint"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, says):
     proc = run_assist("serve", *args, timeout=60)

@@ -23,7 +23,7 @@ from rich.console import Console
 import strategies
 from assist.testing import FakeChatModel, running_server
 from assist.types import ChatCompletion, Choice, Message, Usage
-from evals._config import EvalConfig, EvalError, build_task, split_specs
+from evals._config import EvalConfig, EvalError, build_task, check, split_specs
 from evals.harness import SAMPLES, evaluate, prepare_strategies, read_records, seeded
 from evals.tasks import ArithTask, FactsTask
 
@@ -304,6 +304,15 @@ def test_one_strategy_answers_alike_from_python_http_and_the_harness(trained_run
                for spec in specs}
     assert direct == http == harness
     assert json.loads((out / "results.json").read_text())["config"]["base_url"] == url + "/v1"
+
+
+def test_compile_is_refused_where_there_is_no_torch_engine_to_compile(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    for cfg in (EvalConfig(base_url="http://h/v1", compile=True),
+                EvalConfig(model=str(tmp_path), engine="vllm", compile=True)):
+        with pytest.raises(EvalError, match="--compile is for the torch engine"):
+            check(cfg)
+    assert check(EvalConfig(model=str(tmp_path), compile=True)) == ["direct", "cot"]
 
 
 def test_shorthand_flags_mean_run():

@@ -60,8 +60,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if cfg.vllm_args and (cfg.engine != "vllm" or not cfg.model):
         raise BadRequest(f"{' '.join(cfg.vllm_args)}: arguments after -- go to the vLLM server; "
                          "they need --model and --engine vllm", param="--engine")
-    if cfg.upstream and (cfg.dtype != "auto" or cfg.max_model_len is not None):
-        raise BadRequest("--dtype and --max-model-len set up a checkpoint (--model), not --upstream",
+    if cfg.compile and cfg.engine != "torch":
+        raise BadRequest("--compile is for the torch engine (--engine torch); vLLM compiles by itself",
+                         param="--compile")
+    if cfg.upstream and (cfg.dtype != "auto" or cfg.max_model_len is not None or cfg.compile):
+        raise BadRequest("--dtype, --max-model-len and --compile set up a checkpoint (--model), not --upstream",
                          param="--dtype")
     if cfg.max_model_len is not None and cfg.max_model_len < 1:
         raise BadRequest(f"--max-model-len {cfg.max_model_len}: must be at least 1", param="--max-model-len")

@@ -47,6 +47,16 @@ def _ms(fn: Callable[[], Any], steps: int, repeats: int) -> float:
     return round(best, 4)
 
 
+def _forward_ms(runner: Any, vocab: int, rows: list[int], context: int, steps: int, repeats: int) -> dict[str, float]:
+    """The runner's decode forward (one new token per row, ``context`` cached) by rows."""
+    out: dict[str, float] = {}
+    for b in rows:
+        tokens = torch.randint(0, vocab, (b, 1))
+        positions = torch.full((b, 1), context)
+        out[str(b)] = _ms(lambda t=tokens, p=positions: runner.forward(t, p, 0), steps, repeats)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="runs/tiny/rlhf")
@@ -64,12 +74,7 @@ def main() -> None:
         forward: dict[str, dict[str, float]] = {}
         for threads in sorted({engine_threads, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
-            forward[f"{threads}_threads"] = {}
-            for b in rows:
-                tokens = torch.randint(0, vocab, (b, 1))
-                positions = torch.full((b, 1), args.context)
-                forward[f"{threads}_threads"][str(b)] = _ms(
-                    lambda t=tokens, p=positions: runner.forward(t, p, 0), args.steps, args.repeats)
+            forward[f"{threads}_threads"] = _forward_ms(runner, vocab, rows, args.context, args.steps, args.repeats)
         torch.set_num_threads(engine_threads)
         figures["forward_ms"] = forward
         per_step: dict[str, dict[str, float]] = {}
@@ -92,13 +97,8 @@ def main() -> None:
     compiled = TorchEngine(args.model, device="cpu", max_batch=max(rows), compile=True)
     try:
         if compiled.compiled:
-            runner = compiled.runner
-            figures["compiled_forward_ms"] = {}
-            for b in rows:
-                tokens = torch.randint(0, vocab, (b, 1))
-                positions = torch.full((b, 1), args.context)
-                figures["compiled_forward_ms"][str(b)] = _ms(
-                    lambda t=tokens, p=positions: runner.forward(t, p, 0), args.steps, args.repeats)
+            figures["compiled_forward_ms"] = _forward_ms(compiled.runner, vocab, rows, args.context,
+                                                         args.steps, args.repeats)
             figures["compiled_speedup"] = {b: round(one[b] / ms, 3) for b, ms in figures["compiled_forward_ms"].items()}
         else:
             figures["compiled_forward_ms"] = "torch.compile failed here"

@@ -33,20 +33,25 @@ def test_runner_logits_match_transformers(kv):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_concurrent_greedy_requests_equal_transformers_generate():
-    model = _model()
-    sched = _scheduler(model)
+def assert_greedy_equals_generate(model: LlamaForCausalLM, sched: Scheduler, timeout: float = 60) -> None:
+    """Concurrent greedy requests of different lengths through ``sched`` give
+    ``model.generate``'s tokens and finish reasons; closes ``sched``."""
     prompts = [[1, 2, 3], [7], [4, 4, 4, 4, 4, 9], [10, 11], [12, 13, 14, 15], [3, 1]]
     futures = [sched.submit(p, SamplingParams(max_tokens=10 + i)) for i, p in enumerate(prompts)]
     try:
         for i, (p, f) in enumerate(zip(prompts, futures)):
-            out = f.result(timeout=60).outputs[0]
+            out = f.result(timeout=timeout).outputs[0]
             ref = model.generate(torch.tensor([p]), max_new_tokens=10 + i, do_sample=False, eos_token_id=63,
                                  pad_token_id=0)[0, len(p):].tolist()
             assert out.token_ids == ref
             assert out.finish_reason == ("stop" if ref[-1] == 63 else "length")
     finally:
         sched.close()
+
+
+def test_concurrent_greedy_requests_equal_transformers_generate():
+    model = _model()
+    assert_greedy_equals_generate(model, _scheduler(model))
 
 
 def test_more_requests_than_slots_all_complete_in_order_of_content():

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from assist.engine import LlamaRunner, SamplingParams, Scheduler
+from assist.engine import LlamaRunner, Scheduler
+from tests.test_engine import _model, assert_greedy_equals_generate
 
 pytestmark = pytest.mark.slow  # each runner compiles its step (seconds)
 
 
-def _model(kv: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=kv, max_position_embeddings=128)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module", params=[2, 1], ids=["mha", "gqa"])
 def model_and_runner(request: pytest.FixtureRequest) -> tuple[LlamaForCausalLM, LlamaRunner]:
-    model = _model(request.param)
+    model = _model(kv=request.param)
     runner = LlamaRunner(model, slots=8, max_len=128, compile=True)
     assert runner.compiled, "torch.compile failed here (see the warning): a C++ compiler is needed"
     return model, runner
@@ -47,13 +41,4 @@ def test_a_decode_step_gives_the_eager_logits_and_writes_the_same_cache(model_an
 def test_greedy_requests_equal_transformers_generate(model_and_runner):
     model, runner = model_and_runner
     sched = Scheduler(runner, lambda ids: " ".join(map(str, ids)), eos_ids=(63,))
-    prompts = [[1, 2, 3], [7], [4, 4, 4, 4, 4, 9], [10, 11], [12, 13, 14, 15], [3, 1]]
-    futures = [sched.submit(p, SamplingParams(max_tokens=10 + i)) for i, p in enumerate(prompts)]
-    try:
-        for i, (p, f) in enumerate(zip(prompts, futures)):
-            out = f.result(timeout=120).outputs[0]
-            ref = model.generate(torch.tensor([p]), max_new_tokens=10 + i, do_sample=False, eos_token_id=63,
-                                 pad_token_id=0)[0, len(p):].tolist()
-            assert out.token_ids == ref
-    finally:
-        sched.close()
+    assert_greedy_equals_generate(model, sched, timeout=120)

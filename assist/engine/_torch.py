@@ -151,7 +151,6 @@ class TorchEngine:
             raise BadRequest(f"max_model_len {max_len}: the checkpoint has {positions} positions; "
                              f"give 1 to {positions}", param="max_model_len")
         self.runner = LlamaRunner(self.model, slots=max_batch, max_len=max_len or positions, compile=compile)
-        self.compiled = self.runner.compiled
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         # Text keeps special tokens only where asked (vLLM's skip_special_tokens=False) or where
         # tool calls are parsed out of it (their markers are special tokens); turn markers and
@@ -175,6 +174,11 @@ class TorchEngine:
         self._grammars: GrammarCache | None = None
         self._grammars_lock = threading.Lock()
         self.chat_encoder = ChatEncoder(self.tokenizer)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run compiled (asked for, and compiling worked here)."""
+        return self.runner.compiled
 
     @property
     def grammars(self) -> GrammarCache:

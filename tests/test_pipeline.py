@@ -129,8 +129,8 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
-    proc = run_assist("demo", "--run", str(run), "--limit", "6", "--facts-limit", "16", "--concurrency", "8",
-                      timeout=600)
+    proc = run_assist("demo", "--run", str(run), "--limit", "6", "--rl-limit", "10", "--reward-prompts", "12",
+                      "--facts-limit", "16", "--concurrency", "8", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     claims = json.loads((run / "eval" / "claims.json").read_text())
     names = [r["claim"] for r in claims["rows"]]
@@ -142,6 +142,7 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     assert claims["facts"]["n_seen"] + claims["facts"]["n_unseen"] == 16
     rl_row = next(r for r in claims["rows"] if r["claim"].startswith("RLHF"))
     assert "KL(RLHF ‖ SFT)" in rl_row["measured"]  # how far RL moved the policy, beside the entropy
+    assert "on 10 items" in rl_row["measured"]  # the SFT -> RLHF claim reads --rl-limit items, the rest --limit
     rm_row = next(r for r in claims["rows"] if r["claim"].startswith("A reward model"))
     yardstick = json.loads((run / "metrics.json").read_text())["stages"]["rm"]["policy_likelihood_pair_accuracy"]
     assert yardstick is None or f"the SFT policy's own likelihood ranks them at {yardstick}" in rm_row["measured"]
@@ -151,7 +152,7 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     assert reward["reward"] == ledger["config"]["rl"]["reward"] and set(reward["per_prompt"]) == {"sft", "rlhf"}
     assert reward["rm_share"] == ledger["stages"]["rl"]["rm_share"]
     per = reward["per_prompt"]
-    assert len(per["sft"]) == len(per["rlhf"]) == reward["prompts"] > 0
+    assert len(per["sft"]) == len(per["rlhf"]) == reward["prompts"] == reward["prompts_asked"] == 12
     for name, values in per.items():
         assert reward["mean"][name] == pytest.approx(sum(values) / len(values), abs=1e-3)
     assert reward["delta"] == pytest.approx(reward["mean"]["rlhf"] - reward["mean"]["sft"], abs=1e-3)
@@ -163,8 +164,12 @@ def test_demo_reports_every_claim_with_a_verdict(trained_run, tmp_path):
     assert "## The talk's claims, in miniature" in report and "| eval: arith |" in report
     assert "*recall* of seen kingdoms' facts" in report and "after SFT: recall" in report
     timing = json.loads((run / "eval" / "demo_timing.json").read_text())
-    assert set(timing["steps"]) == {"arith", "arith-sft", "arith-scratch", "facts", "diversity", "rl-reward"}
+    assert set(timing["steps"]) == {"arith", "arith-rlhf", "arith-sft", "arith-scratch", "facts", "diversity",
+                                    "rl-reward"}
     # a second pass resumes everything: nothing is recomputed, the report is rebuilt
-    again = run_assist("demo", "--run", str(run), "--limit", "6", "--facts-limit", "16", timeout=600)
+    measured_at = (run / "eval" / "rl_reward.json").stat().st_mtime_ns
+    again = run_assist("demo", "--run", str(run), "--limit", "6", "--rl-limit", "10", "--reward-prompts", "12",
+                       "--facts-limit", "16", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run / "eval" / "demo_timing.json").read_text())["steps"] == timing["steps"]
+    assert (run / "eval" / "rl_reward.json").stat().st_mtime_ns == measured_at

@@ -72,6 +72,7 @@ def measure_run(run: Path, out: Path, *, prompts: int = 128, k: int = 4) -> dict
                      temperature=float(rl.get("temperature", 1.0)),
                      max_new_tokens=int(rl.get("max_new_tokens", 160)), seed=int(settings.get("seed", 0)),
                      share=run_rm_share(rl.get("rm_trust", "full"), run))
+    result["prompts_asked"] = prompts  # the split may hold fewer; a demo asking again reuses this
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -37,7 +37,7 @@ class DemoConfig:
     # RL moves greedy accuracy by a few points, which 300 items cannot tell from 0 (a +4
     # point change has a paired interval of about +-6 there); the SFT -> RLHF claim reads
     # greedy `cot` of both models on more of the test split (1000 items: all of tiny's).
-    rl_limit: int = opt(1000, "held-out arith items for the SFT -> RLHF claim (at least --limit)",
+    rl_limit: int = opt(1000, "held-out arith items for the SFT -> RLHF claim (never fewer than --limit)",
                         type=int_at_least(1))
     reward_prompts: int = opt(384, "held-out prompts (x 4 samples) on which the reward of the SFT "
                                    "and RLHF policies is compared", type=int_at_least(1))

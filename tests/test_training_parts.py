@@ -45,6 +45,17 @@ def test_lr_warms_up_then_decays_by_cosine_to_the_floor():
     assert lr_at(100, cfg) == pytest.approx(0.1)
 
 
+def test_lr_holds_the_peak_until_decay_start_then_decays_to_the_floor():
+    cfg = OptimConfig(steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.1, decay_start=0.5)
+    assert lr_at(5, cfg) == pytest.approx(0.6)  # warm-up as before
+    assert lr_at(59, cfg) == pytest.approx(1.0)  # stable through half the steps after warm-up
+    assert lr_at(60, cfg) == pytest.approx(1.0)  # the cosine starts here
+    assert lr_at(85, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="decay_start"):
+        OptimConfig(decay_start=1.0)
+
+
 def test_reward_pairs_and_pairwise_loss():
     assert sorted(pairs([1.0, 0.0, 0.35, 0.0])) == [(0, 1), (0, 2), (0, 3), (2, 1), (2, 3)]
     assert pairs([0.0, 0.0]) == []

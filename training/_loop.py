@@ -1,6 +1,6 @@
 """The one optimisation loop every stage shares.
 
-AdamW with warm-up and cosine decay, gradient clipping, bf16 autocast on a GPU (on a CPU
+AdamW with warm-up, an optional stable phase (``decay_start``) and cosine decay, gradient clipping, bf16 autocast on a GPU (on a CPU
 when asked), torch.compile when asked, DDP when launched by ``torchrun`` (gloo on CPU, NCCL
 on GPU), and periodic checkpoints: the state
 (weights, optimiser, step, loss history) is written atomically every ``checkpoint_every``
@@ -178,8 +178,11 @@ class LoopResult:
 def lr_at(step: int, cfg: OptimConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    start = cfg.warmup_steps + int(cfg.decay_start * max(0, cfg.steps - cfg.warmup_steps))
+    if step < start:  # warm-up, stable, decay: the peak rate holds until decay_start
+        return cfg.lr
+    span = max(1, cfg.steps - start)
+    progress = min(1.0, (step - start) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

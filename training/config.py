@@ -65,6 +65,9 @@ class OptimConfig:
     seq_len: int = 256
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # Share of the steps after warm-up that hold the peak rate before the cosine starts
+    # (0: cosine from the end of warm-up; 0.7: warm-up, stable, decay).
+    decay_start: float = 0.0
     warmup_steps: int = 10
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -83,6 +86,8 @@ class OptimConfig:
         if self.autocast not in typing.get_args(Autocast):
             raise ValueError(f"autocast must be one of {', '.join(typing.get_args(Autocast))}, "
                              f"got {self.autocast!r}")
+        if not 0.0 <= self.decay_start < 1.0:
+            raise ValueError(f"decay_start must be in [0, 1), got {self.decay_start}")
 
 
 @dataclass
@@ -242,8 +247,12 @@ def _tiny() -> RunConfig:
         # Pretraining compiled, in bfloat16 where the CPU computes it natively (`FAST`), SFT
         # in bfloat16 eagerly (`BF16`), RM and RL in float32: every figure of the demo was
         # measured so (README: Train).
+        # The peak rate holds for 70% of the steps before the cosine (decay_start): the late
+        # abilities form at 2e-3 rather than on the way down. One pretraining per seed, probed
+        # teacher-forced, against the cosine from step 30: reading unseen values 0.275 -> 0.57
+        # / 0.79 -> 1.0, adding in the head 0.80 -> 0.90 / 0.83 -> 0.86, operands copied 1.0.
         pretrain=OptimConfig(steps=1500, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=30,
-                             checkpoint_every=100, **FAST),
+                             decay_start=0.7, checkpoint_every=100, **FAST),
         # 15% of SFT rows replay the seen world's passages: without them SFT wore the base
         # model's recall of seen facts from 0.87 to 0.29 (teacher-forced) and closed book on
         # seen kingdoms scored 0%; with them recall stayed at 0.97 and closed book 72%.

@@ -1,8 +1,8 @@
 """The one optimisation loop every stage shares.
 
-AdamW with warm-up, an optional stable phase (``decay_start``) and cosine decay, gradient clipping, bf16 autocast on a GPU (on a CPU
-when asked), torch.compile when asked, DDP when launched by ``torchrun`` (gloo on CPU, NCCL
-on GPU), and periodic checkpoints: the state
+AdamW with warm-up, an optional stable phase (``decay_start``) and cosine decay, gradient
+clipping, bf16 autocast on a GPU (on a CPU when asked), torch.compile when asked, DDP when
+launched by ``torchrun`` (gloo on CPU, NCCL on GPU), and periodic checkpoints: the state
 (weights, optimiser, step, loss history) is written atomically every ``checkpoint_every``
 steps, and a resumed run continues from it. Batches are a pure function of (seed, step,
 rank), so a resumed run sees exactly the batches the killed one would have.

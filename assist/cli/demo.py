@@ -3,8 +3,8 @@
 After ``assist train --preset tiny --out runs/tiny`` this evaluates every strategy on
 held-out ``arith`` (the RLHF model), the SFT model and its from-scratch control on the same
 items (greedy ``cot`` of the SFT and RLHF models on ``--rl-limit`` items, a superset of
-them: RL's few points need more items than the strategies' gaps), closed book against retrieval on every held-out ``facts`` item (seen and unseen
-kingdoms), mode collapse across base/SFT/RLHF, and the reward of the SFT and RLHF policies
+them: RL's few points need more items than the strategies' gaps), closed book against
+retrieval on every held-out ``facts`` item (seen and unseen kingdoms), mode collapse across base/SFT/RLHF, and the reward of the SFT and RLHF policies
 on the same held-out prompts (:mod:`training.rl_reward`). It then writes ``RUN/REPORT.md``: the
 claims of "State of GPT" as a table, each with its goal and this model's own figure, and
 the figures behind them. A claim that one strategy beats another is *shown* only when the

@@ -12,7 +12,7 @@ import torch
 from evals.diversity import distinct_n, ead_distinct_n, mean_entropy
 from training import data
 from training._loop import lr_at
-from training.config import ConfigError, OptimConfig, apply_overrides, preset
+from training.config import ConfigError, OptimConfig, SFTConfig, apply_overrides, preset
 from training.reward_model import likelihood_pair_accuracy, pair_loss, pairs, sequence_logprobs
 
 
@@ -243,3 +243,41 @@ def test_sft_micro_batches_give_the_one_pass_loss_and_gradient():
         torch.testing.assert_close(loss, one, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g, grad, rtol=1e-4, atol=1e-7)
         assert (t, n) == (tokens, labelled)
+
+
+def test_call_weights_cover_each_tool_call_from_its_start_token_through_its_end_token():
+    from training.sft import call_weights
+
+    # 7 = <tool_call>, 8 = </tool_call>: two calls, text before, between and after
+    ids = [1, 2, 7, 3, 4, 8, 5, 7, 6, 8, 9]
+    assert call_weights(ids, 7, 8, 4.0) == [1, 1, 4, 4, 4, 4, 1, 4, 4, 4, 1]
+    assert call_weights([1, 2, 3], 7, 8, 4.0) == [1.0, 1.0, 1.0]
+
+
+def test_sft_call_weight_is_a_weighted_mean_of_the_token_losses_and_weight_one_changes_nothing():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training._model import IGNORE, token_logprobs
+    from training.sft import batch_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, pad_token_id=0))
+    start, end = 48, 49
+    rows = [([5, 6, start, 7, 8, end, 9], [IGNORE, IGNORE, start, 7, 8, end, 9]),
+            ([3, 4, 10, 11], [IGNORE, 4, 10, 11])]
+    with torch.no_grad():
+        plain, _, labelled = batch_loss(model, rows, 0, 1)
+        same, _, _ = batch_loss(model, rows, 0, 2, (start, end, 1.0))
+        heavy, _, n = batch_loss(model, rows, 0, 2, (start, end, 5.0))
+        lp = [token_logprobs(model, [r[0]], 0)[0] for r in rows]
+    torch.testing.assert_close(same, plain)
+    assert n == labelled == 8  # the count of labelled tokens is not the weights' sum
+    # by hand: row 0's targets are tokens 2..6, of which 2..5 (the call) weigh 5; row 1's 1..3
+    w0 = [5.0, 5.0, 5.0, 5.0, 1.0]
+    num = -sum(w * float(lp[0][t]) for w, t in zip(w0, range(2, 7))) - float(lp[1][1:4].sum())
+    torch.testing.assert_close(heavy, torch.tensor(num / (sum(w0) + 3)), rtol=1e-5, atol=1e-6)
+    assert float(heavy) != float(plain)
+    with pytest.raises(ValueError, match="call_weight"):
+        SFTConfig(call_weight=0.0)

@@ -4,15 +4,15 @@ After ``assist train --preset tiny --out runs/tiny`` this evaluates every strate
 held-out ``arith`` (the RLHF model), the SFT model and its from-scratch control on the same
 items (greedy ``cot`` of the SFT and RLHF models on ``--rl-limit`` items, a superset of
 them: RL's few points need more items than the strategies' gaps), closed book against
-retrieval on every held-out ``facts`` item (seen and unseen kingdoms), mode collapse across base/SFT/RLHF, and the reward of the SFT and RLHF policies
-on the same held-out prompts (:mod:`training.rl_reward`). It then writes ``RUN/REPORT.md``: the
-claims of "State of GPT" as a table, each with its goal and this model's own figure, and
-the figures behind them. A claim that one strategy beats another is *shown* only when the
-paired 95% interval of the difference excludes 0. Every step is an evaluation run
-(:func:`evals.run.run_eval`) with ``resume``, so an interrupted demo continues where it
-stopped and a finished one is rebuilt in seconds; the claims are judged by
-:func:`evals.report.demo_claims`. The wall time of each step's first pass is kept in
-``RUN/eval/demo_timing.json``.
+retrieval on every held-out ``facts`` item (seen and unseen kingdoms), mode collapse across
+base/SFT/RLHF, and the reward of the SFT and RLHF policies on the same held-out prompts
+(:mod:`training.rl_reward`). It then writes ``RUN/REPORT.md``: the claims of "State of GPT"
+as a table, each with its goal and this model's own figure, and the figures behind them. A
+claim that one strategy beats another is *shown* only when the paired 95% interval of the
+difference excludes 0. Every step is an evaluation run (:func:`evals.run.run_eval`) with
+``resume``, so an interrupted demo continues where it stopped and a finished one is rebuilt
+in seconds; the claims are judged by :func:`evals.report.demo_claims`. The wall time of
+each step's first pass is kept in ``RUN/eval/demo_timing.json``.
 """
 
 from __future__ import annotations
